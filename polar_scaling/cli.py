@@ -1,0 +1,77 @@
+"""``polar-train STAGE [CONFIG] [key=value ...] --run-dir DIR``: one run of one stage.
+
+Each stage lives in its own module exposing ``run(config_path, overrides, run_dir) -> dict``
+(the summary written to ``done.json``). Modules are imported lazily so ``polar-train --help``
+stays fast and a stage's heavy imports never slow another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from polar_scaling.config import ConfigError
+
+STAGES = {
+    "generate": ("polar_scaling.data_generate", "write trajectories of a policy pool to shards"),
+    "lm": ("polar_scaling.lm", "next-token pre-training of a base LM for a ladder size"),
+    "pretrain": ("polar_scaling.pretrain", "POLAR pre-training of a reward model"),
+    "finetune": ("polar_scaling.finetune", "fine-tune a reward model on ranked preferences"),
+    "evaluate": ("polar_scaling.evaluate", "preference accuracy of a reward model"),
+    "rft": ("polar_scaling.rft", "PPO of a policy with a POLAR reward model"),
+}
+
+
+class StageError(RuntimeError):
+    """A run cannot proceed (bad data, NaN loss, foreign run dir); the message names the cause."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polar-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (_, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
+                       help="an optional YAML config, then dotted overrides")
+        p.add_argument("--run-dir", required=True, type=Path,
+                       help="directory holding all of the run's state; relaunching it resumes")
+    return parser
+
+
+def split_config_args(args: list[str]) -> tuple[Path | None, list[str]]:
+    """The first argument without '=' is the config file; the rest are overrides."""
+    config, overrides = None, []
+    for i, arg in enumerate(args):
+        if "=" not in arg and i == 0:
+            config = Path(arg)
+        elif "=" not in arg:
+            raise ConfigError("<command line>", arg, "expected key=value (only the first argument may be a config file)")
+        else:
+            overrides.append(arg)
+    return config, overrides
+
+
+def run_stage(stage: str, config: Path | None, overrides: list[str], run_dir: Path) -> dict:
+    """Run one stage in this process (also the entry point the sweep launcher calls)."""
+    module_name = STAGES[stage][0]
+    module = importlib.import_module(module_name)
+    return module.run(config, overrides, Path(run_dir))
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config, overrides = split_config_args(args.args)
+        summary = run_stage(args.stage, config, overrides, args.run_dir)
+    except (ConfigError, StageError, FileNotFoundError) as e:
+        print(f"polar-train {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())
