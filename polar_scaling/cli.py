@@ -14,6 +14,11 @@ import sys
 from pathlib import Path
 
 from polar_scaling.config import ConfigError
+from polar_scaling.errors import (
+    Preempted,
+    StageError,  # noqa: F401  (re-exported for stages)
+)
+from polar_scaling.rundir import RunDirError
 
 STAGES = {
     "generate": ("polar_scaling.data_generate", "write trajectories of a policy pool to shards"),
@@ -23,10 +28,6 @@ STAGES = {
     "evaluate": ("polar_scaling.evaluate", "preference accuracy of a reward model"),
     "rft": ("polar_scaling.rft", "PPO of a policy with a POLAR reward model"),
 }
-
-
-class StageError(RuntimeError):
-    """A run cannot proceed (bad data, NaN loss, foreign run dir); the message names the cause."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +67,11 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         config, overrides = split_config_args(args.args)
         summary = run_stage(args.stage, config, overrides, args.run_dir)
-    except (ConfigError, StageError, FileNotFoundError) as e:
+    except Preempted as e:
+        print(f"polar-train {args.stage}: {e}; relaunch the same --run-dir to resume",
+              file=sys.stderr)
+        return 143
+    except (ConfigError, StageError, RunDirError, FileNotFoundError) as e:
         print(f"polar-train {args.stage}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,139 @@
+"""The run directory: all of one run's state, so relaunching the same directory resumes it.
+
+    RUN/config.yaml        resolved config (written once; a different config is an error)
+    RUN/metrics.jsonl      one JSON object per line: step, tokens, flops, losses, evals
+    RUN/ds_config.json     the DeepSpeed config generated from the args
+    RUN/checkpoints/       NNNNNNNNNN/ (complete ones hold COMPLETE) written by the engine
+    RUN/model/             the exported model (safetensors) when the run finishes
+    RUN/done.json          summary, written last: its presence means the run is finished
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def safe_name(name: str) -> str:
+    """A run name made safe as one path component (no separators, no '..', not empty)."""
+    cleaned = SAFE_NAME.sub("_", name).strip("._")
+    if not cleaned:
+        raise RunDirError(f"run name {name!r} has no usable characters")
+    return cleaned[:200]
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` so a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    done_path = property(lambda self: self.path / "done.json")
+    model_dir = property(lambda self: self.path / "model")
+
+    def init(self, config: dict, stage: str) -> None:
+        """Create the directory and write ``config.yaml``, or check it matches the one there.
+
+        A directory holding another config is refused (naming the differing keys) so a
+        typo can never resume, overwrite or mix two runs' checkpoints.
+        """
+        resolved = {"stage": stage, **config}
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create run directory {self.path}: {e}") from None
+        if self.config_path.exists():
+            existing = yaml.safe_load(self.config_path.read_text()) or {}
+            if _normalise(existing) != _normalise(resolved):
+                diff = sorted(_diff_keys(existing, resolved))
+                raise RunDirError(
+                    f"{self.path} holds a run with another config (differs in: "
+                    f"{', '.join(diff[:8])}); use a new --run-dir or delete that one")
+            return
+        atomic_write(self.config_path, yaml.safe_dump(resolved, sort_keys=False))
+
+    def is_done(self) -> bool:
+        return self.done_path.is_file()
+
+    def read_done(self) -> dict:
+        return json.loads(self.done_path.read_text())
+
+    def mark_done(self, summary: dict) -> None:
+        atomic_write(self.done_path, json.dumps(summary, indent=2, default=str))
+
+    def read_metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics_path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Parsed lines of a JSONL file; a torn last line (a kill mid-write) is ignored."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+    return rows
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines past ``step``: they came from a run killed after its last checkpoint."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+def _normalise(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif _normalise(a) != _normalise(b):
+        yield prefix.rstrip(".")
