@@ -5,7 +5,8 @@ Source: a folder with ``config.json`` (InternLM2 keys, ``InternLM2ForRewardModel
 tokenizer files (``tokenizer.json`` or the sentencepiece ``tokenizer.model``, with
 ``tokenizer_config.json``). Destination: the Llama sequence-classification layout that
 :class:`polar_scaling.model.RewardModel` and transformers read natively (no remote code), plus
-a fast tokenizer and ``polar.json`` naming the reward token.
+a fast tokenizer and ``polar.json`` naming the reward token and ``"encoding": "text"``, which
+makes :mod:`polar_scaling.scoring` build inputs exactly as the official POLAR client does.
 
 Weight mapping (InternLM2 -> Llama):
 
@@ -519,7 +520,8 @@ def convert_internlm2(src: str | Path, dst: str | Path, dtype: str = "auto",
     bias = "model.layers.0.self_attn.q_proj.bias" in state
     config = llama_config(cfg, src / "config.json", bias, tokenizer)
     meta = {
-        "reward_token": reward_token, "reward_token_id": reward_id, "template": "polar",
+        # "text": score with the official client's whole-text encoding (polar_scaling.scoring).
+        "reward_token": reward_token, "reward_token_id": reward_id, "encoding": "text",
         "source": {"path": str(src.resolve()), "architecture": "InternLM2ForRewardModel",
                    "weights": [f.name for f in files], "tokenizer": tok_origin},
         **notes,

@@ -27,6 +27,7 @@ from polar_scaling.convert_internlm2 import (
     tokenizer_from_sentencepiece,
 )
 from polar_scaling.model import RewardModel
+from polar_scaling.scoring import RewardScorer
 
 D, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 64, 2, 4, 2, 96, 128
 HEAD_DIM, GROUPS = D // HEADS, HEADS // KV_HEADS
@@ -45,7 +46,7 @@ def tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=[
         "<unk>", "<s>", "</s>", REWARD])
     text = ["the capital of china is beijing", "count the r letters in strawberry",
-            "reward models compare a candidate with a reference answer"] * 20
+            "reward models compare a candidate with a reference answer\n<|reward|>"] * 20
     tok.train_from_iterator(text, trainer)
     return tok
 
@@ -262,6 +263,37 @@ def test_converted_folder_needs_no_remote_code(tmp_path):
     # The converted tokenizer splits text exactly as the source tokenizer.json does.
     assert tok("count the r letters", add_special_tokens=False)["input_ids"] == \
         tiny_tokenizer().encode("count the r letters").ids
+
+
+def official_client_ids(tok, prompt, reference, output):
+    """The official client's string (no truncation needed here), tokenized as InternLM2's fast
+    tokenizer does: BOS first, the end token a special token."""
+    def enc(text):
+        return [1] + tok.encode(text, add_special_tokens=False).ids
+    p, r, c = (tok.decode(enc(x), skip_special_tokens=True) for x in (prompt, reference, output))
+    return enc(p + "\n" + r + "<|reward|>" + p + "\n" + c + REWARD)
+
+
+@torch.no_grad()
+def test_scorer_on_converted_folder_matches_official_pipeline(tmp_path):
+    cfg = internlm2_config()
+    weights = internlm2_weights(seed=5)
+    src = write_checkpoint(tmp_path / "src", weights, cfg)
+    scorer = RewardScorer.from_pretrained(convert_internlm2(src, tmp_path / "dst"), batch_size=2)
+    items = [{"prompt": "count the r letters in strawberry", "reference": "the answer is 3",
+              "output": o} for o in ("the answer is 3", "there are two", "reward", "")]
+    items.append({"prompt": [{"role": "user", "content": "the capital of china"}],
+                  "reference": [{"role": "assistant", "content": "beijing"}],
+                  "output": [{"role": "assistant", "content": "beijing"}]})
+    tok = tiny_tokenizer()
+    seqs = [official_client_ids(tok, *(x if isinstance(x, str) else x[0]["content"]
+                                       for x in (it["prompt"], it["reference"], it["output"])))
+            for it in items]
+    assert all(s[0] == 1 and s[-1] == 3 and s.count(3) == 1 for s in seqs)
+    expected = torch.cat([internlm2_scores(weights, cfg, [s[:-1]], 3) for s in seqs])
+    assert expected.std() > 0.05
+    torch.testing.assert_close(torch.tensor(scorer(items), dtype=torch.float64), expected,
+                               atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
