@@ -112,10 +112,11 @@ def train(run: RunDir, model: torch.nn.Module, engine_args: EngineArgs, optim: O
           schedule: ScheduleArgs, source: StepSource,
           loss_fn: Callable, evaluate: Callable[[torch.nn.Module], dict],
           export: Callable[[torch.nn.Module, dict, RunDir], None] | None = None,
-          summary_extra: dict | None = None) -> dict:
+          summary_extra: dict | None = None, loss_key: str = "train_loss") -> dict:
     """Train to the end of ``source`` (resuming from the run's latest checkpoint) and export.
 
-    Returns the summary also written to ``done.json``.
+    Training rows of metrics.jsonl hold the mean loss as ``loss_key``. Returns the summary
+    also written to ``done.json``.
     """
     rank, world = init_distributed()
     if source.num_steps < 1:
@@ -146,7 +147,7 @@ def train(run: RunDir, model: torch.nn.Module, engine_args: EngineArgs, optim: O
             done = step + 1
             if done % schedule.log_every == 0 or done in evals or done == source.num_steps:
                 metrics.write({"step": done, "tokens": tokens, "flops": flops,
-                               "train_loss": loss, "lr": engine.lr(),
+                               loss_key: loss, "lr": engine.lr(),
                                **{f"train_{k}": v for k, v in stats.items()}})
             if done in evals:
                 t0 = time.time()
@@ -174,7 +175,7 @@ def train(run: RunDir, model: torch.nn.Module, engine_args: EngineArgs, optim: O
                "wall_seconds_last_session": round(wall, 2),
                "eval_share_of_wall": round(eval_time / wall, 4) if wall > 0 else 0.0,
                "world_size": world, **(summary_extra or {})}
-    last = [r for r in run.read_metrics() if "train_loss" not in r] if rank == 0 else []
+    last = [r for r in run.read_metrics() if loss_key not in r] if rank == 0 else []
     if last:
         summary["final_eval"] = last[-1]
     if rank == 0:
