@@ -1,0 +1,109 @@
+"""Size-aware micro-batch, gradient accumulation, ZeRO stage and activation checkpointing.
+
+From a ladder size, the memory of one GPU, the world size and the tokens an optimizer step
+should hold, :func:`plan_batch` picks the packed row length, the rows per micro-batch, the
+gradient accumulation, the lowest ZeRO stage whose model states fit, and activation
+checkpointing only when a row does not fit without it. Memory is estimated, not measured:
+
+- model states, bytes per parameter under DeepSpeed bf16 with a client AdamW: bf16 weights
+  2 (sharded by ZeRO-3), gradients 6 (bf16 plus the fp32 accumulation buffer; sharded by
+  ZeRO-2 and up), fp32 master weights and Adam moments 12 (sharded by ZeRO-1 and up);
+- activations, bytes per token per layer in bf16 with a flash-type attention kernel (no
+  L x L scores kept): ``30·d + 4·d_kv + 8·f`` (RMSNorm's fp32 copies, q/k/v, attention
+  output, the SwiGLU branches). With checkpointing each layer keeps only its input
+  (``2·d``) and one layer at a time is recomputed;
+- a fixed 3 GiB for the CUDA context, communication buffers and allocator slack, and a
+  ``headroom`` share of the card's memory that the plan may fill.
+
+The benchmark (``benchmarks/gpu_mfu.py``) prints the measured peak beside this estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from polar_scaling.sizes import ModelSize, total_params
+
+GIB = 1024 ** 3
+FIXED_BYTES = 3 * GIB
+# prompt 1,024 + reference 4,096 + <reward> + prompt 1,024 + candidate 4,096 + reward token
+POLAR_MAX_SEQ_LEN = 1024 + 4096 + 1 + 1024 + 4096 + 1
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    row_tokens: int
+    rows: int  # packed rows per micro-batch
+    grad_accum: int
+    zero_stage: int
+    activation_checkpointing: bool
+    est_peak_gib: float  # estimated peak memory per GPU
+
+    @property
+    def micro_tokens(self) -> int:
+        return self.rows * self.row_tokens
+
+    def step_tokens(self, world: int) -> int:
+        return self.micro_tokens * self.grad_accum * world
+
+
+def state_bytes(size: ModelSize, zero_stage: int, world: int) -> float:
+    """Model-state bytes per GPU (weights, gradients, master weights, Adam moments)."""
+    n = total_params(size)
+    weights = 2 / (world if zero_stage >= 3 else 1)
+    grads = 6 / (world if zero_stage >= 2 else 1)
+    optim = 12 / (world if zero_stage >= 1 else 1)
+    return n * (weights + grads + optim)
+
+
+def layer_activation_bytes(size: ModelSize) -> int:
+    """Bytes one layer keeps per token for its backward pass (bf16, no checkpointing)."""
+    kv_dim = size.kv_heads * size.head_dim
+    return 30 * size.hidden + 4 * kv_dim + 8 * size.ffn
+
+
+def activation_bytes(size: ModelSize, tokens: int, checkpointing: bool) -> float:
+    """Activation bytes of a micro-batch of ``tokens`` packed tokens."""
+    per_layer = layer_activation_bytes(size)
+    if checkpointing:
+        return tokens * (size.layers * 2 * size.hidden + per_layer)
+    return tokens * size.layers * per_layer
+
+
+def row_tokens_for(max_seq_len: int) -> int:
+    """The smallest power of two (at least 1,024) that holds the longest sequence."""
+    return max(1024, 1 << math.ceil(math.log2(max_seq_len)))
+
+
+def plan_batch(size: ModelSize, gpu_bytes: float, world: int, step_tokens: int,
+               max_seq_len: int = POLAR_MAX_SEQ_LEN, headroom: float = 0.9,
+               min_zero_stage: int = 0) -> BatchPlan:
+    """The plan for ``size`` on ``world`` GPUs of ``gpu_bytes`` each.
+
+    ``step_tokens``: packed tokens (slots) one optimizer step should hold across all GPUs;
+    the plan's step holds at least that many. Raises ValueError when even ZeRO-3 with
+    checkpointing and one row per micro-batch does not fit.
+    """
+    if world < 1 or step_tokens < 1:
+        raise ValueError("world and step_tokens must be positive")
+    row = row_tokens_for(max_seq_len)
+    budget = headroom * gpu_bytes - FIXED_BYTES
+    # Without sharding (one GPU) every stage holds the same states: stay at the cheapest.
+    stages = [s for s in (0, 1, 2, 3) if s >= min_zero_stage and (world > 1 or s == min_zero_stage)]
+    rows_wanted = max(1, math.ceil(step_tokens / (world * row)))
+    for stage in stages:
+        free = budget - state_bytes(size, stage, world)
+        for ckpt in (False, True):
+            rows = int(free // activation_bytes(size, row, ckpt)) if free > 0 else 0
+            if rows < 1:
+                continue
+            rows = min(rows, rows_wanted)
+            accum = math.ceil(rows_wanted / rows)
+            peak = FIXED_BYTES + state_bytes(size, stage, world) + activation_bytes(
+                size, rows * row, ckpt)
+            return BatchPlan(row, rows, accum, stage, ckpt, round(peak / GIB, 1))
+    raise ValueError(
+        f"size {size.name} ({total_params(size) / 1e9:.2f}B parameters) does not fit "
+        f"{world} GPU(s) of {gpu_bytes / GIB:.0f} GiB even with ZeRO-3 and activation "
+        f"checkpointing at rows of {row} tokens: use more GPUs or optimizer offload")
