@@ -1,0 +1,339 @@
+"""``polar-train generate [CONFIG] [key=value ...] --run-dir DIR``: write a trajectory dataset.
+
+Every policy of the pool writes ``samples_per_policy`` responses to every prompt of its splits
+(layout and splits: :mod:`polar_scaling.data`). The work is cut into shards of
+``shard_prompts`` prompts; a shard's content depends only on the config and its index
+(sampling is seeded per (shard, policy), one CPU thread per process), so shards are
+byte-identical however the run is split across restarts and workers.
+
+Resume: a shard is written to ``*.tmp``, renamed, then recorded with its sha256 in
+``manifest.json`` (itself replaced atomically). A restart re-checks every recorded shard (a
+mismatch is an error naming the shard; nothing is deleted), drops leftover ``*.tmp`` files and
+rewrites shards that were renamed but not yet recorded. Finally the pool's true KL matrix is
+estimated on held-out prompts (``kl.parquet``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from polar_scaling.config import check, load_config, to_dict
+from polar_scaling.data import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    DatasetError,
+    read_manifest,
+    sha256_file,
+    verify_shard,
+    write_json_atomic,
+)
+from polar_scaling.errors import StageError
+from polar_scaling.policies import SamplingConfig
+from polar_scaling.rundir import RunDir, RunDirError
+from polar_scaling.world import CORPUS_ID, WorldConfig, derive_seed
+
+RUNTIME_KEYS = ("workers", "progress")  # may change between restarts: no effect on content
+
+
+@dataclass
+class PromptArgs:
+    source: Literal["corpus", "jsonl"] = "corpus"
+    path: str | None = None  # the JSONL file ({"prompt": ...} per line) when source=jsonl
+    train: int = field(default=1000, metadata={"ge": 1})
+    heldout_prompts: int = field(default=100, metadata={"ge": 0})
+    heldout_policies: int = field(default=100, metadata={"ge": 0})
+    min_len: int = field(default=8, metadata={"ge": 1})  # corpus prompts: prefix lengths
+    max_len: int = field(default=24, metadata={"ge": 1})
+
+    def __post_init__(self):
+        check(self.min_len <= self.max_len, "max_len", f"must be >= min_len ({self.min_len})")
+        check(self.source != "jsonl" or bool(self.path), "path", "required when source=jsonl")
+
+    @property
+    def total(self) -> int:
+        return self.train + self.heldout_prompts + self.heldout_policies
+
+
+@dataclass
+class LocalPolicyArgs:
+    path: str
+    id: str | None = None  # default: the folder name
+    family: str = ""
+    heldout: bool = False
+
+
+@dataclass
+class LocalPoolArgs:
+    """Real causal-LM folders (``pool: local``); prompts must then come from a JSONL file."""
+
+    policies: list[LocalPolicyArgs] = field(default_factory=list)
+    tokenizer: str | None = None  # the dataset's (the RM's) tokenizer; default: first policy's
+    trust_remote_code: bool = False
+    device: str = "cpu"
+    dtype: str | None = None
+
+
+@dataclass
+class KLArgs:
+    enabled: bool = True
+    prompts: int = field(default=32, metadata={"ge": 1})
+    samples_per_prompt: int = field(default=2, metadata={"ge": 1})
+
+
+@dataclass
+class GenerateArgs:
+    pool: Literal["synthetic", "local"] = "synthetic"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    local: LocalPoolArgs = field(default_factory=LocalPoolArgs)
+    prompts: PromptArgs = field(default_factory=PromptArgs)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    samples_per_policy: int = field(default=3, metadata={"ge": 3})  # 3 per triplet round
+    shard_prompts: int = field(default=200, metadata={"ge": 1})
+    kl: KLArgs = field(default_factory=KLArgs)
+    seed: int = 0  # prompts and sampling (world.seed fixes the weights)
+    workers: int = field(default=2, metadata={"ge": 1})  # processes, one CPU thread each
+    progress: bool = True
+
+    def __post_init__(self):
+        check(self.pool != "local" or self.prompts.source == "jsonl", "prompts.source",
+              "must be jsonl for a local pool")
+
+
+def identity(args: GenerateArgs) -> dict:
+    """The config keys that decide the dataset's content."""
+    return {k: v for k, v in to_dict(args).items() if k not in RUNTIME_KEYS}
+
+
+def plan_shards(args: GenerateArgs) -> list[dict]:
+    """The shards of a config: split, prompt-id range and file, in generation order."""
+    shards, lo = [], 0
+    for split in SPLITS:
+        hi = lo + getattr(args.prompts, split)
+        for start in range(lo, hi, args.shard_prompts):
+            i = len(shards)
+            shards.append({"index": i, "file": f"shards/shard-{i:05d}.parquet", "split": split,
+                           "prompts": [start, min(start + args.shard_prompts, hi)],
+                           "status": "pending"})
+        lo = hi
+    return shards
+
+
+def prompt_splits(args: GenerateArgs) -> dict[str, list[int]]:
+    out, lo = {}, 0
+    for split in SPLITS:
+        out[split] = [lo, lo + getattr(args.prompts, split)]
+        lo += getattr(args.prompts, split)
+    return out
+
+
+def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
+    args = load_config(GenerateArgs, config_path, overrides)
+    return generate(args, Path(run_dir))
+
+
+def generate(args: GenerateArgs, run_dir: Path) -> dict:
+    """Write (or finish) the dataset of ``args`` in ``run_dir``; returns the summary."""
+    from polar_scaling.pool import Runtime
+
+    runtime = Runtime(args)  # validates the pool and prompts before anything is written
+    try:
+        rd = RunDir(run_dir)
+        rd.init(identity(args), "generate")
+    except RunDirError as e:
+        raise StageError(str(e)) from None
+    if (run_dir / MANIFEST).is_file():
+        manifest = read_manifest(run_dir)
+        for shard in manifest["shards"]:
+            if shard["status"] == "done":
+                verify_shard(run_dir, shard)
+    else:
+        manifest = new_manifest(args, runtime)
+    (run_dir / "shards").mkdir(exist_ok=True)
+    for tmp in (run_dir / "shards").glob("*.tmp"):
+        tmp.unlink()  # a shard being written when the last run stopped; it is rewritten
+    if not (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
+        runtime.save_tokenizer(run_dir / "tokenizer")
+    write_json_atomic(run_dir / MANIFEST, manifest)
+
+    started = time.perf_counter()
+    todo = [s for s in manifest["shards"] if s["status"] != "done"]
+    made = _generate_shards(args, runtime, run_dir, manifest, todo)
+    if args.kl.enabled and not manifest.get("kl"):
+        manifest["kl"] = _write_kl(args, runtime, run_dir)
+    manifest["complete"] = True
+    write_json_atomic(run_dir / MANIFEST, manifest)
+    summary = summarize(manifest, made, time.perf_counter() - started)
+    rd.mark_done(summary)
+    return summary
+
+
+def new_manifest(args: GenerateArgs, runtime) -> dict:
+    return {"format": FORMAT, "pool": args.pool, "config": identity(args),
+            "token_ids": runtime.token_ids(), "policies": runtime.policy_table(),
+            "samples_per_policy": args.samples_per_policy, "prompt_splits": prompt_splits(args),
+            "shards": plan_shards(args), "kl": None, "complete": False}
+
+
+def summarize(manifest: dict, made: dict, seconds: float) -> dict:
+    shards = manifest["shards"]
+    out = {"shards": len(shards), "shards_written_now": made["shards"],
+           "trajectories": sum(s["trajectories"] for s in shards),
+           "response_tokens": sum(s["response_tokens"] for s in shards),
+           "seconds": round(seconds, 2),
+           "trajectories_per_second": round(made["trajectories"] / made["seconds"], 1)
+           if made["seconds"] > 0 else None,
+           "policies": len(manifest["policies"])}
+    for split in SPLITS:
+        out[f"{split}_trajectories"] = sum(s["trajectories"] for s in shards
+                                           if s["split"] == split)
+    if manifest.get("kl"):
+        out["kl"] = manifest["kl"]["summary"]
+    return out
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def make_shard(runtime, shard: dict) -> tuple[object, dict]:
+    """The shard's table (pyarrow) and its counts; the same for the same config and index."""
+    import pyarrow as pa
+
+    n = runtime.args.samples_per_policy
+    sp = runtime.prompts_for(shard)
+    cols: dict[str, list] = defaultdict(list)
+    ragged: dict[str, list] = {"prompt_ids": [], "response_ids": []}
+
+    def add(pid, policy_id, index, family, seed, sample, prompt, response, ended):
+        for k, v in (("prompt_id", pid), ("policy_id", policy_id), ("policy_index", index),
+                     ("family", family), ("seed", seed), ("sample", sample), ("ended", ended)):
+            cols[k].append(v)
+        ragged["prompt_ids"].append(prompt)
+        ragged["response_ids"].append(response)
+
+    if sp.docs is not None:
+        seed = runtime.corpus_seed(shard)
+        for pid, prompt, doc in zip(sp.ids, sp.tokens, sp.docs, strict=True):
+            add(pid, CORPUS_ID, -1, CORPUS_ID, seed, 0, prompt, doc[len(prompt):], False)
+    tokens = 0
+    for index in runtime.writers(shard["split"]):
+        spec = runtime.specs[index]
+        seed = derive_seed(runtime.seed, "sample", shard["index"], spec["policy_id"])
+        responses, ended = runtime.generate(index, sp, n, seed)
+        for k, (resp, end) in enumerate(zip(responses, ended, strict=True)):
+            add(sp.ids[k // n], spec["policy_id"], index, spec["family"], seed, k % n,
+                sp.tokens[k // n], resp, end)
+            tokens += len(resp)
+    table = pa.table({
+        "prompt_id": pa.array(cols["prompt_id"], pa.int64()),
+        "policy_id": pa.array(cols["policy_id"], pa.string()),
+        "policy_index": pa.array(cols["policy_index"], pa.int32()),
+        "family": pa.array(cols["family"], pa.string()),
+        "seed": pa.array(cols["seed"], pa.int64()),
+        "sample": pa.array(cols["sample"], pa.int32()),
+        "prompt_ids": _list_array(ragged["prompt_ids"]),
+        "response_ids": _list_array(ragged["response_ids"]),
+        "ended": pa.array(cols["ended"], pa.bool_()),
+    })
+    trajectories = sum(1 for i in cols["policy_index"] if i >= 0)
+    return table, {"rows": table.num_rows, "trajectories": trajectories,
+                   "response_tokens": tokens}
+
+
+def write_shard(runtime, run_dir: Path, shard: dict) -> dict:
+    """Make one shard, write it to ``*.tmp`` and rename it; returns its manifest entry."""
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    table, counts = make_shard(runtime, shard)
+    final = run_dir / shard["file"]
+    tmp = final.with_name(final.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = sha256_file(tmp)
+    tmp.replace(final)
+    return {**shard, **counts, "sha256": digest, "status": "done",
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _list_array(seqs: list[list[int]]):
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _generate_shards(args, runtime, run_dir: Path, manifest: dict, todo: list[dict]) -> dict:
+    from tqdm import tqdm
+
+    total = sum(runtime.trajectories_in(s) for s in todo)
+    made = {"shards": 0, "trajectories": 0, "seconds": 0.0}
+    if not todo:
+        return made
+    bar = tqdm(total=total, unit="traj", unit_scale=True, disable=not args.progress,
+               desc="generate", dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    def record(entry):
+        manifest["shards"][entry["index"]] = entry
+        write_json_atomic(run_dir / MANIFEST, manifest)
+        made["shards"] += 1
+        made["trajectories"] += entry["trajectories"]
+        bar.update(entry["trajectories"])
+        bar.set_postfix(shards=f"{sum(s['status'] == 'done' for s in manifest['shards'])}/"
+                               f"{len(manifest['shards'])}")
+
+    try:
+        if args.workers == 1 or len(todo) == 1:
+            with runtime.single_thread():
+                for shard in todo:
+                    record(write_shard(runtime, run_dir, shard))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            from polar_scaling import pool
+
+            with ProcessPoolExecutor(max_workers=min(args.workers, len(todo)),
+                                     mp_context=mp.get_context("spawn"),
+                                     initializer=pool.init_worker,
+                                     initargs=(to_dict(args),)) as ex:
+                futures = [ex.submit(pool.worker_shard, str(run_dir), s) for s in todo]
+                for fut in as_completed(futures):
+                    record(fut.result())
+    finally:
+        bar.close()
+    made["seconds"] = time.perf_counter() - t0
+    return made
+
+
+def _write_kl(args, runtime, run_dir: Path) -> dict | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from polar_scaling.kl import summarize_kl
+
+    rows = runtime.kl_rows()
+    if rows is None:
+        return None
+    file = run_dir / "kl.parquet"
+    tmp = file.with_name(file.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")
+    tmp.replace(file)
+    return {"file": file.name, "sha256": sha256_file(file), "summary": summarize_kl(rows),
+            "prompts": args.kl.prompts, "samples_per_prompt": args.kl.samples_per_prompt,
+            "distribution": "full (temperature 1, no top-k/top-p)"}
+
+
+__all__ = ["GenerateArgs", "DatasetError", "generate", "run", "plan_shards", "make_shard"]
