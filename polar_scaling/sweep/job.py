@@ -32,10 +32,13 @@ class RunJob(Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self) -> dict:
+        import polar_scaling
         from polar_scaling.cli import run_stage
 
+        # "code" shows which copy of the package the job imported (the launch's snapshot).
         self._event("start", restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-                    host=socket.gethostname(), pid=os.getpid())
+                    host=socket.gethostname(), pid=os.getpid(),
+                    code=str(Path(polar_scaling.__file__).parent))
         run_dir = Path(self.run_dir)
         return run_stage(self.stage, run_dir / "launch.yaml", [], run_dir)
 

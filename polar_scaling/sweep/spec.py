@@ -309,6 +309,7 @@ class RunSpec:
     resources: JobResources
     deps: tuple[str, ...] = ()  # run ids this run needs finished first
     estimate_s: float | None = None
+    digest: str = ""  # hash of stage and config (the last part of run_id)
 
 
 @dataclass
@@ -458,10 +459,10 @@ def expand(spec: SweepFile, root: Path, source: str) -> list[RunSpec]:
 
     seen: dict[str, RunSpec] = {}
     for run in prelude + runs:
-        if run.run_id in seen:
+        if run.digest in seen:
             raise ConfigError(source, "grid", f"duplicated grid point: {run.name} and "
-                              f"{seen[run.run_id].name} resolve to the same config")
-        seen[run.run_id] = run
+                              f"{seen[run.digest].name} resolve to the same config")
+        seen[run.digest] = run
     return prelude + runs
 
 
@@ -547,8 +548,8 @@ def _make_run(stage, name, role, cfg, size, n, seed, budget, res, deps, spec, ro
                 else spec.estimate.cpu_flops_per_s)
         estimate = flops / rate * (1 + spec.estimate.eval_overhead) + spec.estimate.startup_s
     name = safe_name(name)
-    run_id = f"{name}-{config_hash(stage, cfg, root)}"
-    return RunSpec(run_id=run_id, name=name, stage=stage, config=cfg, role=role, size=size,
+    digest = config_hash(stage, cfg, root)
+    return RunSpec(run_id=f"{name}-{digest}", digest=digest, name=name, stage=stage, config=cfg, role=role, size=size,
                    n_params=n, seed=seed, budget=budget.label if budget else None, tokens=tokens,
                    flops=flops, resources=res, deps=tuple(deps), estimate_s=estimate)
 
