@@ -29,12 +29,14 @@ def first_host(nodelist: str) -> str:
             return out[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    head = nodelist.split(",")[0]
-    m = re.match(r"^([^\[]+)\[([^\]]+)\]", nodelist)
-    if m:
-        first = m.group(2).split(",")[0].split("-")[0]
-        return m.group(1) + first
-    return head
+    # The first entry is a name, optionally followed by a bracketed range list; a comma
+    # inside the brackets does not end the entry.
+    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if m is None:
+        return nodelist
+    if m.group(2):
+        return m.group(1) + m.group(2).split(",")[0].split("-")[0]
+    return m.group(1)
 
 
 def slurm_job_port(job_id: str) -> int:

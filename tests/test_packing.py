@@ -1,0 +1,295 @@
+"""Packing, packed attention, MFU/peak helpers, the batch planner and the CPU benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from polar_scaling import gpu
+from polar_scaling.batch_plan import GIB, plan_batch, row_tokens_for, state_bytes
+from polar_scaling.losses import pair_scores
+from polar_scaling.model import RewardModel
+from polar_scaling.packed_attention import (
+    best_packed_attention,
+    needs_one_row,
+    packed_inputs,
+    segment_starts,
+    use_attention,
+)
+from polar_scaling.packing import (
+    PackedBatch,
+    first_fit_decreasing,
+    group_pairs,
+    length_batches,
+    pack_pairs,
+    pack_sequences,
+    pad_sequences,
+    padded_pad_share,
+)
+from polar_scaling.sizes import get_size, hf_config, total_params
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, PAD, ROW = 97, 0, 32
+# One sequence fills a row exactly; several short ones share a row; one is a lone token.
+LENGTHS = [32, 5, 1, 3, 2, 4, 1, 2, 20, 11, 7, 30, 6]
+
+
+def random_seqs(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = RewardModel.from_config(hf_config(get_size("t25k").with_vocab(VOCAB), pad_token_id=PAD))
+    # A head larger than the default init makes any leak between sequences visible.
+    torch.nn.init.normal_(m.score.weight, std=1.0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def padded_rewards(model):
+    ids, mask = pad_sequences(random_seqs(LENGTHS), PAD)
+    use_attention(model, "sdpa")
+    with torch.no_grad():
+        return model(ids, attention_mask=mask)
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "polar_varlen"])
+def test_packed_rewards_equal_padded(model, padded_rewards, impl):
+    batch = pack_sequences(random_seqs(LENGTHS), ROW, PAD)
+    assert batch.input_ids.shape == (4, ROW)  # 124 tokens in 4 rows of 32: 3% padding
+    # the row-filling sequence sits alone in a full row; some row holds many sequences
+    rows = batch.score_index // ROW
+    assert (rows == rows[0]).sum() == 1
+    assert max(int((rows == r).sum()) for r in rows.unique()) >= 4
+    use_attention(model, impl)
+    with torch.no_grad():
+        packed = model(**packed_inputs(batch, impl))
+    use_attention(model, "sdpa")
+    assert packed.shape == padded_rewards.shape
+    assert torch.allclose(packed, padded_rewards, atol=1e-5, rtol=0)
+    assert padded_rewards.std() > 0.1  # the comparison is not between near-zero numbers
+
+
+def test_flattened_rows_give_the_same_rewards(model, padded_rewards):
+    batch = pack_sequences(random_seqs(LENGTHS), ROW, PAD).flattened()
+    assert batch.input_ids.shape[0] == 1
+    for impl in ("sdpa", "polar_varlen"):
+        use_attention(model, impl)
+        with torch.no_grad():
+            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                        score_index=batch.score_index)
+        assert torch.allclose(out, padded_rewards, atol=1e-5, rtol=0), impl
+    use_attention(model, "sdpa")
+
+
+def test_positions_that_do_not_restart_leak_between_sequences(model, padded_rewards):
+    batch = pack_sequences(random_seqs(LENGTHS), ROW, PAD)
+    leaky = torch.arange(ROW).expand_as(batch.input_ids).contiguous()
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, position_ids=leaky,
+                    score_index=batch.score_index)
+    assert (out - padded_rewards).abs().max() > 1e-2
+
+
+def test_pair_order_survives_packing(model):
+    chosen = random_seqs([9, 3, 14, 1], seed=1)
+    rejected = random_seqs([12, 30, 2, 5], seed=2)
+    batch = pack_pairs(chosen, rejected, ROW, PAD)
+    use_attention(model, "sdpa")
+    with torch.no_grad():
+        c, r = pair_scores(model(**packed_inputs(batch, "sdpa")))
+        ids, mask = pad_sequences(chosen + rejected, PAD, side="left")
+        pc, pr = pair_scores(model(ids, attention_mask=mask))
+    assert torch.allclose(c, pc, atol=1e-5, rtol=0) and torch.allclose(r, pr, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------- layout details
+
+
+def test_score_index_points_at_each_last_token_in_input_order():
+    seqs = random_seqs(LENGTHS, seed=3)
+    batch = pack_sequences(seqs, ROW, PAD)
+    flat_ids, flat_pos = batch.input_ids.reshape(-1), batch.position_ids.reshape(-1)
+    assert flat_ids[batch.score_index].tolist() == [s[-1] for s in seqs]
+    assert flat_pos[batch.score_index].tolist() == [n - 1 for n in LENGTHS]
+    assert batch.seq_lens.tolist() == LENGTHS
+    assert batch.real_tokens == sum(LENGTHS)
+    assert batch.pad_share == pytest.approx(1 - sum(LENGTHS) / batch.input_ids.numel())
+    # each sequence's tokens sit contiguously, ending at its score index
+    for s, end in zip(seqs, batch.score_index.tolist(), strict=True):
+        assert flat_ids[end - len(s) + 1:end + 1].tolist() == s
+
+
+def test_first_fit_decreasing_is_valid_and_deterministic():
+    lengths = [7, 3, 8, 2, 2, 5, 1, 8, 4]
+    bins = first_fit_decreasing(lengths, 10)
+    assert bins == first_fit_decreasing(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    # 40 tokens in 4 full bins; the longest (index 2, ties by index) opens the first bin
+    assert bins == [[2, 3], [4, 7], [0, 1], [5, 6, 8]]
+    with pytest.raises(ValueError, match="more than a row"):
+        first_fit_decreasing([3, 11], 10)
+    with pytest.raises(ValueError, match="at least one token"):
+        first_fit_decreasing([3, 0], 10)
+
+
+def test_min_rows_and_pad_tail_positions():
+    batch = pack_sequences([[5, 6, 7]], 8, PAD, min_rows=2)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [0] * 8]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], list(range(8))]
+    assert segment_starts(batch.position_ids).tolist() == [0, 3, 8, 16]
+
+
+def test_segment_starts_follow_position_resets():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]])
+    assert segment_starts(pos).tolist() == [0, 3, 5, 6, 7, 12]
+
+
+def test_group_pairs_keeps_data_order_and_capacity():
+    pairs = [(10, 12), (3, 4), (20, 20), (5, 5), (30, 31), (2, 2)]
+    groups = group_pairs(pairs, row_tokens=32, rows=1)
+    assert [i for g in groups for i in g] == list(range(len(pairs)))
+    # (20, 20) and (30, 31) each need two rows, so each gets a micro-batch of its own
+    assert groups == [[0, 1], [2], [3], [4], [5]]
+    for g in groups:
+        lens = [pairs[i][0] for i in g] + [pairs[i][1] for i in g]
+        assert len(first_fit_decreasing(lens, 32)) <= (1 if len(g) > 1 or g == [3] else 2)
+    # two rows: 69 tokens of the first three pairs exceed 64, the next (5, 5) fits after (20, 20)
+    assert group_pairs(pairs, 32, rows=2) == [[0, 1], [2, 3], [4], [5]]
+    with pytest.raises(ValueError):
+        group_pairs([(3, 40)], 32, 1)
+
+
+# ---------------------------------------------------------------------------- pad shares
+
+
+def test_pad_share_by_hand():
+    lengths = [1, 9, 2, 8]
+    plain = length_batches(lengths, 2, bucket=False)
+    bucketed = length_batches(lengths, 2, bucket=True)
+    assert plain == [[0, 1], [2, 3]] and bucketed == [[0, 2], [3, 1]]
+    assert padded_pad_share(lengths, plain) == pytest.approx(1 - 20 / 34)
+    assert padded_pad_share(lengths, bucketed) == pytest.approx(1 - 20 / 22)
+    assert pack_sequences(random_seqs(lengths), 10, PAD).pad_share == pytest.approx(0.0)
+
+
+def test_pad_share_on_polar_like_lengths():
+    rng = np.random.default_rng(0)
+    n = 512
+    prompt = np.clip(rng.lognormal(np.log(128), 1.0, n), 1, 1024).astype(int)
+    ref, cand = (np.clip(rng.lognormal(np.log(512), 1.0, n), 1, 4096).astype(int) for _ in "ab")
+    lengths = (2 * prompt + ref + cand + 2).tolist()
+    plain = padded_pad_share(lengths, length_batches(lengths, 8, bucket=False))
+    bucketed = padded_pad_share(lengths, length_batches(lengths, 8, bucket=True))
+    bins = first_fit_decreasing(lengths, 16384)
+    packed = 1 - sum(lengths) / (len(bins) * 16384)
+    assert plain > 0.4 and bucketed < 0.1 and packed < 0.03
+    assert packed < bucketed < plain
+
+
+# ------------------------------------------------------------------------- GPU helpers
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12), ("cpu", None), ("Tesla T4", None),
+])
+def test_peak_table(name, peak):
+    assert gpu.peak_flops(name, environ={}) == peak
+
+
+def test_peak_overrides_and_mfu():
+    assert gpu.peak_flops("cpu", environ={gpu.PEAK_ENV: "1e12"}) == 1e12
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3", override=500e12, environ={}) == 500e12
+    assert gpu.mfu(494.5e12, 989e12) == pytest.approx(0.5)
+    assert gpu.mfu(1e12, None) is None
+    assert gpu.mfu(1e12, 0.0) is None
+
+
+def test_cpu_device_helpers():
+    assert gpu.device_name("cpu") == "cpu"
+    assert gpu.peak_flops(gpu.device_name("cpu"), environ={}) is None
+    assert gpu.memory_stats("cpu")["rss_peak_gib"] > 0.05
+    assert gpu.total_memory_bytes("cpu") is None
+    assert best_packed_attention("cpu") == "sdpa"
+    assert needs_one_row("flash_attention_2") and not needs_one_row("flex_attention")
+
+
+# -------------------------------------------------------------------------- batch plan
+
+
+def test_state_bytes_shard_with_zero_stage():
+    s = get_size("1.8B")
+    n = total_params(s)
+    assert state_bytes(s, 0, 8) == pytest.approx(20 * n)
+    assert state_bytes(s, 1, 8) == pytest.approx((2 + 6 + 12 / 8) * n)
+    assert state_bytes(s, 2, 8) == pytest.approx((2 + 18 / 8) * n)
+    assert state_bytes(s, 3, 8) == pytest.approx(20 / 8 * n)
+
+
+def test_plans_along_the_ladder():
+    h100 = 80 * GIB
+    p18 = plan_batch(get_size("1.8B"), h100, world=1, step_tokens=1 << 20)
+    assert (p18.row_tokens, p18.zero_stage, p18.activation_checkpointing) == (16384, 0, True)
+    assert p18.step_tokens(1) >= 1 << 20 and p18.est_peak_gib <= 0.9 * 80
+    p500 = plan_batch(get_size("500M"), h100, world=1, step_tokens=1 << 20)
+    assert not p500.activation_checkpointing and p500.zero_stage == 0
+    p7 = plan_batch(get_size("7B"), h100, world=8, step_tokens=1 << 21)
+    assert p7.activation_checkpointing and p7.zero_stage >= 2
+    assert p7.step_tokens(8) >= 1 << 21 and p7.est_peak_gib <= 0.9 * 80
+    p7_small = plan_batch(get_size("7B"), 40 * GIB, world=8, step_tokens=1 << 21)
+    assert p7_small.zero_stage == 3 and p7_small.activation_checkpointing
+    assert plan_batch(get_size("7B"), h100, 8, 1 << 21, min_zero_stage=3).zero_stage == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_batch(get_size("7B"), h100, world=1, step_tokens=1 << 20)
+    # a small step: one micro-batch of one row, no accumulation
+    tiny = plan_batch(get_size("50M"), h100, world=4, step_tokens=1000)
+    assert (tiny.rows, tiny.grad_accum) == (1, 1)
+    assert row_tokens_for(10_242) == 16384 and row_tokens_for(100) == 1024
+
+
+# ----------------------------------------------------------------- benchmark, CPU branch
+
+
+def test_benchmark_runs_tiny_shape_on_cpu(tmp_path):
+    out = tmp_path / "mfu.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_mfu.py"),
+                           "--steps", "1", "--warmup", "1", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny shape" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["cpu_tiny_shape"] and r["peak_flops"] is None
+    for loop in ("packed", "padded"):
+        assert r[loop]["mfu"] is None and r[loop]["real_tokens_per_s"] > 0
+        assert r[loop]["timed_steps"] == 1
+    assert r["packed"]["reward_check"]["max_abs_diff"] < 1e-4
+    assert r["ratio_real_tokens_per_s"] > 0
+
+
+def test_packed_batch_moves_between_devices():
+    batch = pack_sequences([[1, 2], [3]], 4, PAD)
+    moved = batch.to("cpu")
+    assert isinstance(moved, PackedBatch)
+    assert torch.equal(moved.input_ids, batch.input_ids)
