@@ -97,3 +97,47 @@ def total_memory_bytes(device: torch.device | str | None = None) -> int | None:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).total_memory
     return None
+
+
+class Throughput:
+    """Per-GPU tokens/s, model FLOP/s and MFU of a training session, excluding pauses.
+
+    ``tokens`` and ``flops`` are the running totals the trainer keeps (all GPUs together);
+    :meth:`log` appends one JSON row per call to a ``perf.jsonl`` covering the interval
+    since the previous call, and :meth:`summary` covers the whole session. Time spent in
+    :meth:`pause` (evaluation) is not training time.
+    """
+
+    def __init__(self, world: int, tokens: float, flops: float, peak: float | None = None,
+                 clock=None):
+        import time
+
+        self.clock = clock or time.perf_counter
+        self.world = world
+        self.peak = peak_flops() if peak is None else peak
+        self.start = self.mark = (self.clock(), tokens, flops, 0.0)
+        self.paused = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def _rates(self, since, tokens, flops) -> dict:
+        t0, tok0, fl0, paused0 = since
+        seconds = max(1e-9, self.clock() - t0 - (self.paused - paused0))
+        flops_per_s = (flops - fl0) / seconds / self.world
+        return {"tokens_per_s_per_gpu": (tokens - tok0) / seconds / self.world,
+                "model_tflops_per_s_per_gpu": flops_per_s / 1e12,
+                "mfu": mfu(flops_per_s, self.peak)}
+
+    def log(self, path, step: int, tokens: float, flops: float, enabled: bool = True) -> dict:
+        row = {"step": step, **self._rates(self.mark, tokens, flops), **memory_stats()}
+        self.mark = (self.clock(), tokens, flops, self.paused)
+        if enabled:
+            import json
+
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def summary(self, tokens: float, flops: float) -> dict:
+        return self._rates(self.start, tokens, flops)

@@ -23,6 +23,7 @@ import torch
 from polar_scaling.dist_env import init_distributed
 from polar_scaling.engine import Engine, EngineArgs, OptimArgs
 from polar_scaling.errors import Preempted, StageError
+from polar_scaling.gpu import Throughput
 from polar_scaling.rundir import MetricsLog, RunDir
 
 
@@ -133,6 +134,7 @@ def train(run: RunDir, model: torch.nn.Module, engine_args: EngineArgs, optim: O
     evals = eval_steps(source.num_steps, schedule.eval_points, schedule.eval_first_fraction)
     bar = _progress(schedule.progress and rank == 0, source, start, tokens)
     wall0, eval_time, last_good = time.time(), 0.0, start
+    perf = Throughput(world, tokens, flops)
     with StopSignals() as stop:
         for step in range(start, source.num_steps):
             batches = source.micro_batches(step, rank, world)
@@ -149,10 +151,13 @@ def train(run: RunDir, model: torch.nn.Module, engine_args: EngineArgs, optim: O
                 metrics.write({"step": done, "tokens": tokens, "flops": flops,
                                loss_key: loss, "lr": engine.lr(),
                                **{f"train_{k}": v for k, v in stats.items()}})
+                # Timing figures go to perf.jsonl: metrics.jsonl must be identical on resume.
+                perf.log(run.path / "perf.jsonl", done, tokens, flops, enabled=rank == 0)
             if done in evals:
                 t0 = time.time()
                 row = evaluate(engine.ds)
                 eval_time += time.time() - t0
+                perf.pause(time.time() - t0)
                 metrics.write({"step": done, "tokens": tokens, "flops": flops, **row})
             if bar is not None:
                 bar.update(source.step_tokens(step))
@@ -174,7 +179,7 @@ def train(run: RunDir, model: torch.nn.Module, engine_args: EngineArgs, optim: O
     summary = {"steps": source.num_steps, "tokens": tokens, "flops": flops,
                "wall_seconds_last_session": round(wall, 2),
                "eval_share_of_wall": round(eval_time / wall, 4) if wall > 0 else 0.0,
-               "world_size": world, **(summary_extra or {})}
+               "world_size": world, **perf.summary(tokens, flops), **(summary_extra or {})}
     last = [r for r in run.read_metrics() if loss_key not in r] if rank == 0 else []
     if last:
         summary["final_eval"] = last[-1]

@@ -293,3 +293,28 @@ def test_packed_batch_moves_between_devices():
     moved = batch.to("cpu")
     assert isinstance(moved, PackedBatch)
     assert torch.equal(moved.input_ids, batch.input_ids)
+
+
+def test_throughput_rows_exclude_pauses(tmp_path):
+    now = [100.0]
+    perf = gpu.Throughput(world=2, tokens=0, flops=0.0, peak=1e12, clock=lambda: now[0])
+    now[0] = 110.0
+    perf.pause(2.0)  # 8 s of training on 2 GPUs
+    row = perf.log(tmp_path / "perf.jsonl", 5, tokens=1600, flops=8e12)
+    assert row["step"] == 5 and row["tokens_per_s_per_gpu"] == pytest.approx(100)
+    assert row["model_tflops_per_s_per_gpu"] == pytest.approx(0.5)
+    assert row["mfu"] == pytest.approx(0.5)
+    now[0] = 114.0
+    row = perf.log(tmp_path / "perf.jsonl", 6, tokens=2000, flops=1.2e13)
+    assert row["tokens_per_s_per_gpu"] == pytest.approx(50)
+    perf.log(tmp_path / "perf.jsonl", 7, tokens=2000, flops=1.2e13, enabled=False)
+    assert [json.loads(x)["step"] for x in (tmp_path / "perf.jsonl").read_text().splitlines()] \
+        == [5, 6]
+    assert perf.summary(2000, 1.2e13)["tokens_per_s_per_gpu"] == pytest.approx(2000 / 12 / 2)
+
+
+def test_throughput_on_cpu_reports_no_mfu(monkeypatch):
+    monkeypatch.delenv(gpu.PEAK_ENV, raising=False)
+    monkeypatch.setattr(gpu, "device_name", lambda device=None: "cpu")
+    perf = gpu.Throughput(world=1, tokens=0, flops=0.0)
+    assert perf.peak is None and perf.summary(10, 1e9)["mfu"] is None
