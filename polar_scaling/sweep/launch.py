@@ -333,6 +333,7 @@ def _start_local(sweep: Sweep, store: Store, run: RunSpec, folder: Path, code: s
     ex = submitit.LocalExecutor(folder, max_num_timeout=spec.launch.max_timeouts,
                                 python=spec.launch.python)
     setup = [f"export PYTHONPATH={_q(code)}${{PYTHONPATH:+:$PYTHONPATH}}",
+             "export PYTHONSAFEPATH=1",  # no working directory (a checkout?) before it
              f"export TORCH_EXTENSIONS_DIR={_q(torch_extensions_dir())}"]
     setup += [f"export {k}={_q(str(v))}" for k, v in spec.launch.env.items()]
     setup += list(spec.launch.setup)
