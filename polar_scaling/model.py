@@ -52,8 +52,16 @@ class RewardModel(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"base model folder {path} has no config.json")
-        backbone = AutoModel.from_pretrained(path, dtype=dtype or torch.float32,
-                                             trust_remote_code=trust_remote_code)
+        from transformers.utils import logging as hf_logging
+
+        # The LM head is dropped on purpose; keep transformers from reporting it as unexpected.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            backbone = AutoModel.from_pretrained(path, dtype=dtype or torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         return cls(backbone, {**(meta or {}), "base": str(path)})
 
     @classmethod

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+RUNTIME_KEYS = ("progress",)
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
@@ -60,6 +61,9 @@ class RunDir:
         typo can never resume, overwrite or mix two runs' checkpoints.
         """
         resolved = {"stage": stage, **config}
+        if isinstance(resolved.get("schedule"), dict):  # display only: may change on relaunch
+            resolved["schedule"] = {k: v for k, v in resolved["schedule"].items()
+                                    if k not in RUNTIME_KEYS}
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
