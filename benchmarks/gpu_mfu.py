@@ -45,7 +45,12 @@ from polar_scaling.packed_attention import (  # noqa: E402
     packed_inputs,
     use_attention,
 )
-from polar_scaling.packing import group_pairs, pack_pairs, pad_sequences  # noqa: E402
+from polar_scaling.packing import (  # noqa: E402
+    first_fit_decreasing,
+    group_pairs,
+    pack_sequences,
+    pad_sequences,
+)
 from polar_scaling.sizes import get_size, hf_config, train_flops  # noqa: E402
 
 CPU_SIZE, CPU_VOCAB, CPU_ROW, CPU_PROMPT, CPU_RESPONSE = "t200k", 512, 512, 48, 96
@@ -61,7 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per loop")
     p.add_argument("--row-tokens", type=int, default=16384)
     p.add_argument("--rows", type=int, default=1, help="packed rows per micro-batch")
-    p.add_argument("--pad-pairs", type=int, default=1, help="pairs per padded micro-batch")
+    p.add_argument("--pad-pairs", type=int, default=2,
+                   help="pairs per padded micro-batch (2 pairs hold about as many real "
+                        "tokens as one packed row of 16,384)")
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing (both loops)")
@@ -198,10 +205,16 @@ def run_packed(args, size, vocab, pairs, n_steps, peak, impl, precision):
 
     init_distributed()
     groups = group_pairs([(len(c), len(r)) for c, r in pairs], args.row_tokens, args.rows)
-    if len(groups) < n_steps:
-        raise RuntimeError(f"only {len(groups)} packed micro-batches for {n_steps} steps")
-    batches = [pack_pairs([pairs[i][0] for i in g], [pairs[i][1] for i in g], args.row_tokens,
-                          PAD_ID) for g in groups[:n_steps]]
+    # Every micro-batch keeps the shape [rows, row_tokens], so a compiled kernel is never
+    # recompiled inside the timed steps; the rare pair that needs more rows is left out.
+    fitting = [g for g in groups if len(first_fit_decreasing(
+        [n for i in g for n in (len(pairs[i][0]), len(pairs[i][1]))], args.row_tokens))
+        <= args.rows]
+    if len(fitting) < n_steps:
+        raise RuntimeError(f"only {len(fitting)} packed micro-batches for {n_steps} steps")
+    groups = fitting[:n_steps]
+    batches = [pack_sequences([pairs[i][0] for i in g] + [pairs[i][1] for i in g],
+                              args.row_tokens, PAD_ID, min_rows=args.rows) for g in groups]
     model = build_model(size, vocab)
     use_attention(model, impl)
     engine = Engine(model, EngineArgs(zero_stage=args.zero, precision=precision,
@@ -230,7 +243,7 @@ def run_packed(args, size, vocab, pairs, n_steps, peak, impl, precision):
     row = summarise("packed", times, real, slots, flops, peak, args.warmup)
     row.update(attention=impl, zero_stage=args.zero, rows_per_micro_batch=args.rows,
                row_tokens=args.row_tokens, pairs_per_micro_batch=float(np.mean(
-                   [len(g) for g in groups[:n_steps]])), reward_check=check)
+                   [len(g) for g in groups])), reward_check=check)
     del engine, model
     free_memory()
     return row
@@ -239,7 +252,8 @@ def run_packed(args, size, vocab, pairs, n_steps, peak, impl, precision):
 @torch.no_grad()
 def reward_check(module, batch, pairs, group, impl) -> dict:
     """Max |packed - padded| reward over one micro-batch, against the reward spread."""
-    module.eval()
+    # Stays in train mode: transformers compiles flex attention separately for eval and
+    # train, and a second compile would cost more than this check. Dropout is zero.
     device = next(module.parameters()).device
     packed = module(**packed_inputs(batch.to(device), impl))
     seqs = [pairs[i][0] for i in group] + [pairs[i][1] for i in group]
@@ -252,7 +266,6 @@ def reward_check(module, batch, pairs, group, impl) -> dict:
         padded.append(module(ids, attention_mask=torch.ones_like(ids)))
     use_attention(module, impl)
     padded = torch.cat(padded)
-    module.train()
     diff = (packed - padded).abs().max().item()
     spread = padded.std().item() if len(seqs) > 1 else padded.abs().max().item()
     print(f"reward check ({impl}): max |packed - unpadded| = {diff:.3g} "
@@ -291,7 +304,7 @@ def main(argv=None) -> dict:
     impl = args.attn or best_packed_attention()
     name = gpu.device_name()
     peak = gpu.peak_flops(name, override=args.peak)
-    longest = 2 * args.max_prompt + args.max_response + 2
+    longest = 2 * args.max_prompt + 2 * args.max_response + 2
     if longest > args.row_tokens:
         raise SystemExit(f"--row-tokens {args.row_tokens} cannot hold a sequence of up to "
                          f"{longest} tokens")

@@ -59,7 +59,10 @@ def use_attention(model: torch.nn.Module, impl: str) -> None:
     if impl == VARLEN:
         register_varlen()
     backbone = getattr(model, "model", model)
-    backbone.set_attn_implementation(impl)
+    if hasattr(backbone, "set_attn_implementation"):
+        backbone.set_attn_implementation(impl)
+    else:  # older transformers: the config attribute is what the layers read
+        backbone.config._attn_implementation = impl
 
 
 def packed_inputs(batch, impl: str) -> dict:
