@@ -222,16 +222,18 @@ def lm_sequences(path: str | Path, policies: bool = True) -> Ragged:
 
 def draw_negatives(family: np.ndarray, share: float | None,
                    rng: np.random.Generator) -> np.ndarray:
-    """A partial derangement ``sigma``: policy a's negative comes from policy sigma[a] ≠ a;
-    every policy is used as a negative at most once; -1 where a gets no triplet.
+    """A derangement ``sigma``: policy a's negative comes from policy sigma[a] ≠ a, and every
+    policy is used as a negative exactly once (all -1 if there are fewer than two policies).
 
     A ``share`` of the negatives (in expectation) come from A's own family (``None``: the
     share a uniform choice of B would give, (family size - 1) / (n - 1)). In each family,
     k ~ Binomial(size, share) members take a same-family negative, through a random cycle
     among themselves; k = 1 (no cycle possible) becomes 0 or 2 with equal odds, which keeps the
-    expectation. The rest form one cycle across families: laid out family by family and
-    shifted by the largest family's count, nobody lands in their own family. If one family
-    holds over half of that set, its surplus joins its own cycle (or, alone, gets no triplet).
+    expectation. The rest form one cycle across families, laid out family by family (largest
+    first) and shifted by the largest family's count h: nobody lands in their own family. If
+    h is over half of that set, the shift is (set size - h) instead, giving the fewest
+    same-family pairs possible (2h - set size); so small or lopsided pools realise a share
+    that differs from the one asked for.
     """
     n = len(family)
     sigma = np.full(n, -1, dtype=np.int64)
@@ -248,21 +250,29 @@ def draw_negatives(family: np.ndarray, share: float | None,
         if k == 1:
             k = 2 * int(rng.integers(2))
         same[rng.choice(np.nonzero(fam_of == f)[0], size=k, replace=False)] = True
-    cross = ~same
-    counts = np.bincount(fam_of[cross], minlength=len(fams))
-    c, h = int(cross.sum()), int(counts.max(initial=0))
-    if c and 2 * h > c:
-        f = int(np.argmax(counts))
-        members = rng.permutation(np.nonzero(cross & (fam_of == f))[0])[:2 * h - c]
-        same[members], cross[members] = True, False
+    if (~same).sum() == 1:  # one policy cannot cycle alone
+        lone = int(np.nonzero(~same)[0][0])
+        mates = same & (fam_of == fam_of[lone])
+        if mates.sum() >= 2:
+            same[lone] = True  # it joins its family's cycle
+        else:  # a singleton family: another family's cycle joins the cross-family one
+            f = int(rng.choice(np.unique(fam_of[same])))
+            same[fam_of == f] = False
     for f in range(len(fams)):
         group = rng.permutation(np.nonzero(same & (fam_of == f))[0])
         if len(group) >= 2:
             sigma[group] = np.roll(group, -1)
-    if cross.sum() >= 2:
+    cross = ~same
+    c = int(cross.sum())
+    if c >= 2:
+        counts = np.bincount(fam_of[cross], minlength=len(fams))
+        order = rng.permutation(len(fams))
+        order = order[np.argsort(-counts[order], kind="stable")]  # largest family first
         layout = np.concatenate([rng.permutation(np.nonzero(cross & (fam_of == f))[0])
-                                 for f in rng.permutation(len(fams))])
-        sigma[layout] = np.roll(layout, -int(np.bincount(fam_of[layout]).max()))
+                                 for f in order])
+        h = int(counts.max())
+        shift = h if 2 * h <= c else max(c - h, 1)  # 1: all of one family, one cycle
+        sigma[layout] = np.roll(layout, -shift)
     return sigma
 
 
