@@ -1,0 +1,171 @@
+"""End to end on the local single-node Slurm (slurm/local/start.sh): a three-run job array
+through sbatch, idempotent launches, and preemption: USR2 (checkpoint, requeue, resume), a
+hard `scontrol requeue` (killed, restarts from the latest periodic checkpoint) and the time
+limit (USR2 before it, requeue). Every interrupted run must end with the same metrics.jsonl as
+an uninterrupted run of the same config. These tests fail when Slurm is down (set
+POLAR_SKIP_SLURM=1 to skip them).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+from sweep_helpers import assert_same_metrics, polar_sweep, read_rows, require_slurm, write_sweep
+
+from polar_scaling.sweep.spec import load_sweep
+from polar_scaling.sweep.store import Store
+
+pytestmark = pytest.mark.slurm
+
+SHORT, LONG = 12000, 30000  # tokens: ~24 and ~60 steps of 4 pairs
+
+
+def jobs_of(store, run_id):
+    return [s["job_id"] for s in store.read_record(run_id).get("submissions", [])]
+
+
+def events(store, run_id, name):
+    path = store.run_dir(run_id) / "sweep_events.jsonl"
+    return [e for e in read_rows(path) if e["event"] == name] if path.exists() else []
+
+
+def last_step(store, run_id):
+    path = store.run_dir(run_id) / "metrics.jsonl"
+    rows = read_rows(path) if path.exists() else []
+    return max((r["step"] for r in rows), default=0)
+
+
+@pytest.fixture(scope="module")
+def array_sweep(dataset, tmp_path_factory):
+    """Three runs (two short seeds, one long) launched as one job array and waited for."""
+    require_slurm()
+    tmp = tmp_path_factory.mktemp("slurm-array")
+    path = write_sweep(tmp / "s.yaml", dataset, grid={
+        "sizes": ["t12k"], "budgets": [{"tokens": SHORT}, {"tokens": LONG}], "seeds": [0, 1],
+        "exclude": [{"seed": 1, "budget": {"tokens": LONG}}]})
+    root = tmp / "root"
+    sweep = load_sweep(path, root=root)
+    store = Store(root)
+    try:
+        first = polar_sweep("launch", path, "--root", root, "--executor", "slurm")
+        again = polar_sweep("launch", path, "--root", root, "--executor", "slurm")
+        states_during = {s.run.run_id: s.state for s in store.status(sweep)}
+        waited = polar_sweep("status", path, "--root", root, "--watch", "--poll", "1")
+        after = polar_sweep("launch", path, "--root", root, "--executor", "slurm")
+        collected = polar_sweep("collect", path, "--root", root)
+    finally:
+        polar_sweep("cancel", path, "--root", root)
+    return {"path": path, "root": root, "sweep": sweep, "store": store, "first": first,
+            "again": again, "states_during": states_during, "waited": waited,
+            "after": after, "collected": collected}
+
+
+def test_three_run_array_through_sbatch(array_sweep):
+    sweep, store = array_sweep["sweep"], array_sweep["store"]
+    code, out = array_sweep["first"]
+    assert code == 0, out
+    assert "3 run(s) to submit with executor slurm" in out
+    job_ids = [jobs_of(store, r.run_id) for r in sweep.runs]
+    assert all(len(j) == 1 for j in job_ids)
+    array_id = job_ids[0][0].split("_")[0]
+    assert sorted(j[0] for j in job_ids) == [f"{array_id}_{i}" for i in range(3)]
+    assert f"submitted pretrain-t12k: job {array_id} (array of 3)" in out
+    script = (store.scripts_dir / f"{array_id}-pretrain-t12k.sbatch").read_text()
+    assert "#SBATCH --array=0-2%2" in script.splitlines()
+    # While it ran, a second launch submitted nothing.
+    code, out = array_sweep["again"]
+    assert code == 0 and "0 run(s) to submit" in out, out
+    assert set(array_sweep["states_during"].values()) <= {"pending", "running", "done"}
+    code, out = array_sweep["waited"]
+    assert code == 0 and out.strip().endswith("3 done"), out
+    # After it finished, a launch submits nothing either.
+    code, out = array_sweep["after"]
+    assert code == 0 and "0 run(s) to submit" in out and "'done': 3" in out, out
+    assert [len(jobs_of(store, r.run_id)) for r in sweep.runs] == [1, 1, 1]
+    code, out = array_sweep["collected"]
+    assert code == 0 and "from 3 run(s) (3 finished)" in out, out
+    df = pd.read_parquet(array_sweep["root"] / "results.parquet")
+    finals = df[df.final]
+    assert sorted(finals.run_id) == sorted(r.run_id for r in sweep.runs)
+    assert (finals.status == "done").all() and (finals.loss > 0).all()
+    assert (finals.tokens >= finals.budget_tokens).all()
+    assert sorted(finals.budget_tokens) == [SHORT, SHORT, LONG]
+    for run in sweep.runs:  # each job imported the code snapshot of the launch
+        start = events(store, run.run_id, "start")[0]
+        assert start["code"].startswith(str(array_sweep["root"] / "code"))
+
+
+def test_preemption_hard_requeue_and_time_limit_resume_exactly(array_sweep, dataset,
+                                                               tmp_path):
+    ref = {r.budget: r for r in array_sweep["sweep"].runs if r.seed == 0}
+    ref_store = array_sweep["store"]
+    assert all((ref_store.run_dir(r.run_id) / "done.json").is_file() for r in ref.values())
+    cases = {
+        # USR2 as a scheduler sends on preemption: checkpoint, requeue, resume.
+        "usr2": dict(budget=SHORT, resources={"time": 10}, launch={}),
+        # scontrol requeue: no USR2; the job is killed and starts again.
+        "hard": dict(budget=SHORT, resources={"time": 10}, launch={}),
+        # A 1-minute limit; USR2 comes 40 s before it (Slurm checks every ~30 s).
+        "limit": dict(budget=LONG, resources={"time": 1},
+                      launch={"signal_delay_s": 40, "max_timeouts": 6}),
+    }
+    runs = {}
+    try:
+        for name, case in cases.items():
+            path = write_sweep(tmp_path / f"{name}.yaml", dataset,
+                               grid={"sizes": ["t12k"], "budgets": [{"tokens": case["budget"]}],
+                                     "seeds": [0]},
+                               resources=case["resources"],
+                               launch={"parallelism": 2, **case["launch"]})
+            sweep = load_sweep(path, root=tmp_path / name)
+            code, out = polar_sweep("launch", path, "--root", sweep.root, "--executor", "slurm")
+            assert code == 0, out
+            runs[name] = (sweep, sweep.runs[0], Store(sweep.root))
+        # The same config as the array's runs: the same run id under another root.
+        assert runs["usr2"][1].run_id == ref["tok1.2e4"].run_id
+        assert runs["limit"][1].run_id == ref["tok3e4"].run_id
+        sent = {}
+        deadline = time.time() + 480
+        while time.time() < deadline:
+            for name, signal_at, command in (("usr2", 5, ["scancel", "--signal=USR2"]),
+                                             ("hard", 10, ["scontrol", "requeue"])):
+                _, run, store = runs[name]
+                if name not in sent and last_step(store, run.run_id) >= signal_at:
+                    subprocess.run([*command, jobs_of(store, run.run_id)[-1]], check=True)
+                    sent[name] = last_step(store, run.run_id)
+            states = [store.status(sweep)[0].state for sweep, _, store in runs.values()]
+            if all(s == "done" for s in states) or "failed" in states:
+                break
+            time.sleep(1)
+    finally:
+        for sweep, _, store in runs.values():
+            polar_sweep("cancel", sweep.path, "--root", store.root)
+    for name, (sweep, _, store) in runs.items():
+        st = store.status(sweep)[0]
+        assert st.state == "done", (name, st.state, st.reason, st.log)
+    assert set(sent) == {"usr2", "hard"}, sent
+    # USR2: the loop saved a checkpoint, submitit requeued the job, the run resumed.
+    _, run, store = runs["usr2"]
+    assert len(events(store, run.run_id, "requeue")) >= 1
+    starts = events(store, run.run_id, "start")
+    assert len(starts) >= 2 and starts[-1]["restart"] >= 1
+    assert_same_metrics(store.run_dir(run.run_id) / "metrics.jsonl",
+                        ref_store.run_dir(run.run_id) / "metrics.jsonl")
+    # Hard requeue: no checkpoint call from submitit, but the job started again and resumed.
+    _, run, store = runs["hard"]
+    assert events(store, run.run_id, "requeue") == []
+    starts = events(store, run.run_id, "start")
+    assert len(starts) >= 2 and starts[-1]["restart"] >= 1
+    assert_same_metrics(store.run_dir(run.run_id) / "metrics.jsonl",
+                        ref_store.run_dir(run.run_id) / "metrics.jsonl")
+    # Time limit: submitit saw a timed-out job, checkpointed and requeued it.
+    _, run, store = runs["limit"]
+    assert len(events(store, run.run_id, "requeue")) >= 1
+    log = store.status(runs["limit"][0])[0].log
+    assert "this job is timed-out" in log.read_text()
+    assert_same_metrics(store.run_dir(run.run_id) / "metrics.jsonl",
+                        ref_store.run_dir(run.run_id) / "metrics.jsonl")
+
