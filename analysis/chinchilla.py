@@ -61,12 +61,14 @@ def fit_chinchilla(
     ci_level: float = 0.95,
     starts: np.ndarray | None = None,
     max_iter: int = 1000,
+    workers: int = 1,
 ) -> FitResult:
     """Fit E + A/N^α + B/D^β to (N, D, loss) and return params E, A, B, alpha, beta.
 
     With bootstrap > 1, resamples of the points are refitted warm-started from the full-data
     optimum; stderr is then their standard deviation and ci their percentile interval.
     Without it, stderr and ci come from the least-squares (Gauss-Newton) approximation.
+    workers > 1 spreads the starts and the resamples over that many processes.
     Raises FitError for fewer than 6 points or any NaN or non-positive value.
     """
     n = require_points("params (N)", n)
@@ -79,7 +81,7 @@ def fit_chinchilla(
     log_loss = np.log(loss)
     grid = start_grid() if starts is None else np.asarray(starts, dtype=float)
 
-    fit = fit_multistart(log_x, log_loss, grid, delta, max_iter=max_iter)
+    fit = fit_multistart(log_x, log_loss, grid, delta, max_iter=max_iter, workers=workers)
     nat = to_natural(fit.x, 2)  # [E, A, alpha, B, beta]
     params = dict(zip(PARAMS, nat[[0, 1, 3, 2, 4]].tolist(), strict=True))
     log_pred = log_predict(fit.x, log_x)
@@ -109,7 +111,8 @@ def fit_chinchilla(
         diagnostics=diag,
     )
     if bootstrap > 1:
-        boot = bootstrap_multistart(log_x, log_loss, fit.x, delta, bootstrap, seed, max_iter)
+        boot = bootstrap_multistart(log_x, log_loss, fit.x, delta, bootstrap, seed, max_iter,
+                                    workers)
         bn = to_natural(boot.x, 2)
         samples = bn[:, [0, 1, 3, 2, 4]]
         samples[~boot.converged] = np.nan
@@ -122,5 +125,7 @@ def fit_chinchilla(
         result.diagnostics["bootstrap_converged_fraction"] = frac
         if frac < 0.9:
             result.warn(f"only {frac:.0%} of bootstrap refits converged")
-    flag_problems(result, fit.diagnostics(), loss)
+    terms = {"A/N^alpha": params["A"] * n ** -params["alpha"],
+             "B/D^beta": params["B"] * d ** -params["beta"]}
+    flag_problems(result, fit.diagnostics(), loss, terms)
     return result

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "Akima interpolation (Porian et al.)")
     fit.add_argument("--budget-rtol", type=float, default=0.05,
                      help="IsoFLOP: compute values within this relative gap form one budget")
+    fit.add_argument("--workers", type=int, default=1,
+                     help="chinchilla: processes for the start grid and the bootstrap")
     fit.add_argument("--no-plots", action="store_true", help="skip the figures")
 
     env = sub.add_parser("envelope", help="lower envelope of loss against compute")
@@ -113,7 +115,7 @@ def cmd_fit(args: argparse.Namespace, command: str) -> int:
         form=args.form, x=args.x, envelope=args.envelope, final_only=args.final_only,
         holdout_largest=args.holdout_largest, bootstrap=args.bootstrap, seed=args.seed,
         ci_level=args.ci, huber_delta=args.huber_delta, optimum=args.optimum,
-        budget_rtol=args.budget_rtol,
+        budget_rtol=args.budget_rtol, workers=args.workers,
     ).resolved()
     if args.bootstrap < 0 or args.holdout_largest < 0:
         raise FitError("--bootstrap and --holdout-largest must be >= 0")

@@ -59,7 +59,7 @@ def minimize_batched(
     """Minimise s independent smooth problems with L-BFGS and a backtracking Armijo search.
 
     Problem i starts at x0[i]. A problem stops when its gradient max-norm falls below gtol,
-    when one step lowers its objective by less than ftol times its value, when no step along
+    when a quasi-Newton step lowers its objective by less than ftol times its value, when no step along
     steepest descent lowers it (status STALLED, which is how a Huber objective with a tiny
     delta ends at a kink), or after max_iter iterations (status MAX_ITER: not converged).
     """
@@ -149,7 +149,9 @@ def minimize_batched(
         f[ia] = f_new[a]
         g[ia] = g_new[a]
         small_g = np.abs(g_new[a]).max(axis=1) <= gtol
-        small_f = decrease <= ftol * np.maximum(np.abs(f_new[a]), 1e-300)
+        # A steepest-descent step of unit length can gain little and still be far from the
+        # optimum, so only a quasi-Newton step counts towards the decrease test.
+        small_f = (decrease <= ftol * np.maximum(np.abs(f_new[a]), 1e-300)) & ~fresh[a]
         status[ia[small_f]] = FUNCTION_TOL
         status[ia[small_g]] = GRADIENT_TOL
         active[ia[small_g | small_f]] = False

@@ -201,5 +201,5 @@ def fit_saturating(
         result.diagnostics["bootstrap_converged_fraction"] = frac
         if frac < 0.9:
             result.warn(f"only {frac:.0%} of bootstrap refits converged")
-    flag_problems(result, diag, loss)
+    flag_problems(result, diag, loss, {"A·X^-alpha": params["A"] * x ** -params["alpha"]})
     return result

@@ -37,6 +37,7 @@ class FitSpec:
     huber_delta: float | None = None
     optimum: str = "parabola"
     budget_rtol: float = 0.05
+    workers: int = 1
 
     def resolved(self) -> FitSpec:
         """Fill the defaults: loss-vs-compute fits use the lower envelope of all learning
@@ -126,7 +127,8 @@ def _fit(rows: pd.DataFrame, train: pd.DataFrame, spec: FitSpec) -> FitResult:
                               delta=spec.huber_delta, **common)
     if spec.form == "chinchilla":
         return fit_chinchilla(rows["params"].to_numpy(), rows["tokens"].to_numpy(),
-                              rows["loss"].to_numpy(), delta=spec.huber_delta, **common)
+                              rows["loss"].to_numpy(), delta=spec.huber_delta,
+                              workers=spec.workers, **common)
     if spec.form == "isoflop":
         return fit_isoflop(rows, method=spec.optimum, rtol=spec.budget_rtol, **common)
     return fit_envelope_allocation(rows, **common)
