@@ -169,6 +169,14 @@ class TrajectoryDataset:
             _ragged(t["prompt_ids"]), _ragged(t["response_ids"]))
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` for each pair, without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
+    return shift + np.arange(ends[-1] if len(ends) else 0)
+
+
 def _ragged(column) -> Ragged:
     arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
     lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
@@ -207,13 +215,12 @@ def lm_sequences(path: str | Path, policies: bool = True) -> Ragged:
     offsets = np.zeros(len(keep) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     values = np.empty(offsets[-1], dtype=np.int32)
-    for j, i in enumerate(keep):
-        o, pl, rl = offsets[j], p_len[j], r_len[j]
-        values[o] = bos
-        values[o + 1:o + 1 + pl] = t.prompts[i]
-        values[o + 1 + pl:o + 1 + pl + rl] = t.responses[i]
-        if add_eos[j]:
-            values[o + 1 + pl + rl] = eos
+    values[offsets[:-1]] = bos
+    values[_ranges(offsets[:-1] + 1, p_len)] = t.prompts.values[
+        _ranges(t.prompts.offsets[keep], p_len)]
+    values[_ranges(offsets[:-1] + 1 + p_len, r_len)] = t.responses.values[
+        _ranges(t.responses.offsets[keep], r_len)]
+    values[(offsets[1:] - 1)[add_eos == 1]] = eos
     return Ragged(values, offsets)
 
 

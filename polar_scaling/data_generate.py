@@ -38,7 +38,7 @@ from polar_scaling.data import (
 from polar_scaling.errors import StageError
 from polar_scaling.policies import SamplingConfig
 from polar_scaling.rundir import RunDir, RunDirError
-from polar_scaling.world import CORPUS_ID, WorldConfig, derive_seed
+from polar_scaling.world import CORPUS_ID, WorldConfig, derive_seed, pool_specs
 
 RUNTIME_KEYS = ("workers", "progress")  # may change between restarts: no effect on content
 
@@ -132,6 +132,29 @@ def prompt_splits(args: GenerateArgs) -> dict[str, list[int]]:
         out[split] = [lo, lo + getattr(args.prompts, split)]
         lo += getattr(args.prompts, split)
     return out
+
+
+def prompts_needed(tokens_budget: float, args: GenerateArgs, wrapper: str = "sft",
+                   response_fill: float = 0.94) -> int:
+    """Train prompts whose triplets hold about ``tokens_budget`` RM tokens (an estimate).
+
+    Each train prompt yields one triplet per train policy and round of three samples; a
+    triplet's tokens follow :func:`polar_scaling.data.responses_needed` with the mean prompt
+    length and ``response_fill`` x ``max_new_tokens`` per response (0.94 in the default world).
+    Triplets are never repeated, so check the exact ``TripletSource.tokens`` before training.
+    """
+    from polar_scaling.data import responses_needed
+
+    if args.pool != "synthetic":
+        raise ValueError("prompts_needed estimates lengths of the synthetic world only")
+    train = sum(s.split == "train" for s in pool_specs(args.world))
+    per_prompt = train * (args.samples_per_policy // 3)
+    if per_prompt == 0:
+        raise ValueError("the pool has no training policy")
+    mean_prompt = (args.prompts.min_len + args.prompts.max_len) / 2
+    mean_response = response_fill * args.sampling.max_new_tokens
+    triplets = responses_needed(tokens_budget, mean_prompt, mean_response, wrapper) // 3
+    return int(np.ceil(triplets / per_prompt))
 
 
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
@@ -336,4 +359,5 @@ def _write_kl(args, runtime, run_dir: Path) -> dict | None:
             "distribution": "full (temperature 1, no top-k/top-p)"}
 
 
-__all__ = ["GenerateArgs", "DatasetError", "generate", "run", "plan_shards", "make_shard"]
+__all__ = ["GenerateArgs", "DatasetError", "generate", "run", "plan_shards", "make_shard",
+           "prompts_needed"]

@@ -191,7 +191,10 @@ def test_kl_table_and_lm_text(tiny_dataset):
     t = ds.load("train")
     assert len(lm) == len(t)  # every train-split row: 16 corpus documents + 6 x 3 x 16
     assert len(lm) == 16 + 16 * 6 * 3
-    assert all(lm[i][0] == 1 for i in range(len(lm)))
+    for i in range(len(lm)):  # [BOS] prompt response [EOS if the policy stopped]
+        want = [1] + t.prompts[i].tolist() + t.responses[i].tolist() + [2] * int(t.ended[i])
+        assert lm[i].tolist() == want
+    assert t.ended.any() and not t.ended.all()
     only_corpus = lm_sequences(tiny_dataset, policies=False)
     assert len(only_corpus) == 16 and set(only_corpus.lengths().tolist()) == {1 + 5 + 6}
 
@@ -222,3 +225,18 @@ def test_responses_needed_arithmetic():
     assert responses_needed(1_000_000, 16, 32) == 3 * 5000
     assert responses_needed(1_000_000, 16, 32, wrapper="pretrain") == 3 * 5103
     assert responses_needed(201, 16, 32) == 6
+
+
+def test_prompts_needed_agrees_with_the_triplets_a_dataset_holds(tiny_dataset):
+    from conftest import tiny_args
+
+    from polar_scaling.data_generate import prompts_needed
+
+    source = TripletSource(tiny_dataset, "train")
+    ids = TemplateIds.from_tokenizer(load_tokenizer(tiny_dataset / "tokenizer"))
+    tokens = int(source.tokens(ids, "sft").sum())
+    t = TrajectoryDataset(tiny_dataset).load("train")
+    fill = t.responses.lengths()[t.policy_index >= 0].mean() / 6  # max_new_tokens = 6
+    # 16 train prompts made these tokens; the estimate from mean lengths lands close
+    assert abs(prompts_needed(tokens, tiny_args(), "sft", response_fill=fill) - 16) <= 1
+    assert prompts_needed(2 * tokens, tiny_args(), "sft", response_fill=fill) in (31, 32, 33)
