@@ -90,7 +90,9 @@ class PowerSumObjective:
             for j in range(k):
                 ds = dloss * powers[j]
                 g[:, 1 + j] = ds.sum(axis=1)
-                g[:, 1 + k + j] = -(ds @ self.log_x[j])
+                # einsum, not a BLAS call: a threaded gemv on these small blocks spin-waits
+                # for cores that other processes hold.
+                g[:, 1 + k + j] = -np.einsum("sn,n->s", ds, self.log_x[j])
         f[~np.isfinite(f)] = np.inf
         return f, g
 
