@@ -1,15 +1,18 @@
 """End to end on the local single-node Slurm (slurm/local/start.sh): a three-run job array
 through sbatch, idempotent launches, and preemption: USR2 (checkpoint, requeue, resume), a
 hard `scontrol requeue` (killed, restarts from the latest periodic checkpoint) and the time
-limit (USR2 before it, requeue). Every interrupted run must end with the same metrics.jsonl as
+limit (Slurm's USR2 before it, from the batch script's --signal; requeue). Every interrupted run must end with the same metrics.jsonl as
 an uninterrupted run of the same config. These tests fail when Slurm is down (set
 POLAR_SKIP_SLURM=1 to skip them).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,7 +23,7 @@ from polar_scaling.sweep.store import Store
 
 pytestmark = pytest.mark.slurm
 
-SHORT, LONG = 12000, 30000  # tokens: ~24 and ~60 steps of 4 pairs
+BUDGET = 12000  # tokens: ~24 steps of 4 pairs
 
 
 def jobs_of(store, run_id):
@@ -40,12 +43,11 @@ def last_step(store, run_id):
 
 @pytest.fixture(scope="module")
 def array_sweep(dataset, tmp_path_factory):
-    """Three runs (two short seeds, one long) launched as one job array and waited for."""
+    """Three runs (seeds 0-2) launched as one job array and waited for."""
     require_slurm()
     tmp = tmp_path_factory.mktemp("slurm-array")
     path = write_sweep(tmp / "s.yaml", dataset, grid={
-        "sizes": ["t12k"], "budgets": [{"tokens": SHORT}, {"tokens": LONG}], "seeds": [0, 1],
-        "exclude": [{"seed": 1, "budget": {"tokens": LONG}}]})
+        "sizes": ["t12k"], "budgets": [{"tokens": BUDGET}], "seeds": [0, 1, 2]})
     root = tmp / "root"
     sweep = load_sweep(path, root=root)
     store = Store(root)
@@ -91,81 +93,91 @@ def test_three_run_array_through_sbatch(array_sweep):
     finals = df[df.final]
     assert sorted(finals.run_id) == sorted(r.run_id for r in sweep.runs)
     assert (finals.status == "done").all() and (finals.loss > 0).all()
-    assert (finals.tokens >= finals.budget_tokens).all()
-    assert sorted(finals.budget_tokens) == [SHORT, SHORT, LONG]
+    assert sorted(finals.seed) == [0, 1, 2]
+    assert (finals.tokens >= BUDGET).all() and (finals.budget_tokens == BUDGET).all()
     for run in sweep.runs:  # each job imported the code snapshot of the launch
         start = events(store, run.run_id, "start")[0]
         assert start["code"].startswith(str(array_sweep["root"] / "code"))
 
 
 def test_preemption_hard_requeue_and_time_limit_resume_exactly(array_sweep, dataset,
-                                                               tmp_path):
-    ref = {r.budget: r for r in array_sweep["sweep"].runs if r.seed == 0}
-    ref_store = array_sweep["store"]
-    assert all((ref_store.run_dir(r.run_id) / "done.json").is_file() for r in ref.values())
+                                                               tmp_path, monkeypatch):
+    ref_run = next(r for r in array_sweep["sweep"].runs if r.seed == 0)
+    ref_dir = array_sweep["store"].run_dir(ref_run.run_id)
+    ref_steps = json.loads((ref_dir / "done.json").read_text())["steps"]
+    # Jobs inherit the submitting environment: steps are paced (see slow_steps/) so that
+    # every run is still training when its signal lands, on a fast machine too.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(Path(__file__).parent / "slow_steps"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    # name: (seconds per step at least, signal the test sends once the run trains)
     cases = {
         # USR2 as a scheduler sends on preemption: checkpoint, requeue, resume.
-        "usr2": dict(budget=SHORT, resources={"time": 10}, launch={}),
+        "usr2": (0.3, ["scancel", "--signal=USR2"]),
         # scontrol requeue: no USR2; the job is killed and starts again.
-        "hard": dict(budget=SHORT, resources={"time": 10}, launch={}),
-        # A 1-minute limit; USR2 comes 40 s before it (Slurm checks every ~30 s).
-        "limit": dict(budget=LONG, resources={"time": 1},
-                      launch={"signal_delay_s": 40, "max_timeouts": 6}),
+        "hard": (0.3, ["scontrol", "requeue"]),
+        # The time limit: lowered to 1 minute while the job trains, so Slurm sends the
+        # batch script's USR2 (30 s before the limit) ~30 s into the job, then raised again
+        # for the requeued job. 24 steps of 1.5 s outlast that on any machine.
+        "limit": (1.5, ["scontrol", "update", "TimeLimit=1"]),
     }
     runs = {}
     try:
-        for name, case in cases.items():
+        for name, (pace, _) in cases.items():
             path = write_sweep(tmp_path / f"{name}.yaml", dataset,
-                               grid={"sizes": ["t12k"], "budgets": [{"tokens": case["budget"]}],
+                               grid={"sizes": ["t12k"], "budgets": [{"tokens": BUDGET}],
                                      "seeds": [0]},
-                               resources=case["resources"],
-                               launch={"parallelism": 2, **case["launch"]})
+                               launch={"parallelism": 2, "signal_delay_s": 30})
             sweep = load_sweep(path, root=tmp_path / name)
+            # The same config as the array's seed 0: the same run id under another root.
+            assert sweep.runs[0].run_id == ref_run.run_id
+            monkeypatch.setenv("POLAR_TEST_MIN_STEP_S", str(pace))
             code, out = polar_sweep("launch", path, "--root", sweep.root, "--executor", "slurm")
             assert code == 0, out
             runs[name] = (sweep, sweep.runs[0], Store(sweep.root))
-        # The same config as the array's runs: the same run id under another root.
-        assert runs["usr2"][1].run_id == ref["tok1.2e4"].run_id
-        assert runs["limit"][1].run_id == ref["tok3e4"].run_id
-        sent = {}
+        # Signals go out as soon as a run's metrics show it training (past its first
+        # periodic checkpoint at step 5 for the hard requeue), with most steps to go.
+        sent, raised, checked = {}, False, 0.0
         deadline = time.time() + 480
         while time.time() < deadline:
-            for name, signal_at, command in (("usr2", 5, ["scancel", "--signal=USR2"]),
-                                             ("hard", 10, ["scontrol", "requeue"])):
+            for name, (_, command) in cases.items():
                 _, run, store = runs[name]
-                if name not in sent and last_step(store, run.run_id) >= signal_at:
-                    subprocess.run([*command, jobs_of(store, run.run_id)[-1]], check=True)
+                at = 5 if name == "hard" else 1
+                if name not in sent and last_step(store, run.run_id) >= at:
+                    job = jobs_of(store, run.run_id)[-1]
+                    target = [f"JobId={job}"] if name == "limit" else [job]
+                    subprocess.run([*command, *target], check=True)
                     sent[name] = last_step(store, run.run_id)
-            states = [store.status(sweep)[0].state for sweep, _, store in runs.values()]
-            if all(s == "done" for s in states) or "failed" in states:
-                break
-            time.sleep(1)
+            _, run, store = runs["limit"]
+            if not raised and events(store, run.run_id, "requeue"):
+                job = jobs_of(store, run.run_id)[-1]
+                subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"],
+                               check=True)
+                raised = True
+            if time.time() - checked > 2:
+                checked = time.time()
+                states = [store.status(sweep)[0].state for sweep, _, store in runs.values()]
+                if all(s == "done" for s in states) or "failed" in states:
+                    break
+            time.sleep(0.1)
     finally:
         for sweep, _, store in runs.values():
             polar_sweep("cancel", sweep.path, "--root", store.root)
     for name, (sweep, _, store) in runs.items():
         st = store.status(sweep)[0]
         assert st.state == "done", (name, st.state, st.reason, st.log)
-    assert set(sent) == {"usr2", "hard"}, sent
-    # USR2: the loop saved a checkpoint, submitit requeued the job, the run resumed.
+    assert set(sent) == set(cases) and max(sent.values()) < ref_steps, (sent, ref_steps)
+    for name, (_, run, store) in runs.items():
+        starts = events(store, run.run_id, "start")
+        assert len(starts) >= 2 and starts[-1]["restart"] >= 1, (name, starts)
+        assert_same_metrics(store.run_dir(run.run_id) / "metrics.jsonl",
+                            ref_dir / "metrics.jsonl")
+    # USR2: the loop saved a checkpoint, then submitit's handler requeued the job.
     _, run, store = runs["usr2"]
     assert len(events(store, run.run_id, "requeue")) >= 1
-    starts = events(store, run.run_id, "start")
-    assert len(starts) >= 2 and starts[-1]["restart"] >= 1
-    assert_same_metrics(store.run_dir(run.run_id) / "metrics.jsonl",
-                        ref_store.run_dir(run.run_id) / "metrics.jsonl")
-    # Hard requeue: no checkpoint call from submitit, but the job started again and resumed.
+    # Hard requeue: submitit never checkpointed; the run resumed from its own checkpoint.
     _, run, store = runs["hard"]
     assert events(store, run.run_id, "requeue") == []
-    starts = events(store, run.run_id, "start")
-    assert len(starts) >= 2 and starts[-1]["restart"] >= 1
-    assert_same_metrics(store.run_dir(run.run_id) / "metrics.jsonl",
-                        ref_store.run_dir(run.run_id) / "metrics.jsonl")
-    # Time limit: submitit saw a timed-out job, checkpointed and requeued it.
-    _, run, store = runs["limit"]
-    assert len(events(store, run.run_id, "requeue")) >= 1
-    log = store.status(runs["limit"][0])[0].log
-    assert "this job is timed-out" in log.read_text()
-    assert_same_metrics(store.run_dir(run.run_id) / "metrics.jsonl",
-                        ref_store.run_dir(run.run_id) / "metrics.jsonl")
-
+    # Time limit: Slurm's USR2 reached a job that submitit saw as timed out; requeued once.
+    sweep, run, store = runs["limit"]
+    assert len(events(store, run.run_id, "requeue")) == 1
+    assert "this job is timed-out" in store.status(sweep)[0].log.read_text()
