@@ -33,6 +33,7 @@ Precedence of one run's config: ``config`` < ``derived`` < ``per_size.SIZE.confi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -377,7 +378,7 @@ def expand(spec: SweepFile, root: Path, source: str) -> list[RunSpec]:
             links[spec.data.key] = str(resolve_root(spec.data.dir, source))
         else:
             res = resolve_resources(spec, None, spec.data.resources, source, "data.resources")
-            cfg = dict(spec.data.generate)
+            cfg = merge(spec.data.generate, {})
             run = _make_run("generate", "data", "data", cfg, None, None, None, None, res, (),
                             spec, root)
             prelude.append(run)
@@ -619,16 +620,16 @@ def _apply_zero_stage(spec: SweepFile, size: str | None, cfg: dict) -> dict:
 
 
 def _set(cfg: dict, dotted: str, value: Any) -> dict:
-    """``cfg`` with ``dotted`` set to ``value`` (a mapping value replaces, it does not merge)."""
+    """Set ``dotted`` in ``cfg`` (a run's own copy) to a copy of ``value`` and return ``cfg``;
+    a mapping value replaces, it does not merge."""
     parts = dotted.split(".")
-    out = merge(cfg, {})
-    node = out
+    node = cfg
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-    node[parts[-1]] = value
-    return out
+    node[parts[-1]] = copy.deepcopy(value) if isinstance(value, (dict, list)) else value
+    return cfg
 
 
 def _ladder(size: str, vocab: int) -> ModelSize:
