@@ -58,19 +58,25 @@ class ScoreItem:
     system: str | None = None
 
 
-def _as_text(value, index: int, field: str) -> str:
+def join_messages(value, where: str) -> str:
+    """``value`` as text: a string as is, a list of ``{role, content}`` messages as their
+    contents joined by ``"\\n"`` (roles dropped). A ValueError starts with ``where``."""
     if isinstance(value, str):
         return value
     if isinstance(value, Sequence):
         parts = []
         for j, message in enumerate(value):
             if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
-                raise ValueError(f"item {index}: {field}[{j}] must be a message "
+                raise ValueError(f"{where}[{j}] must be a message "
                                  f"{{'role': ..., 'content': str}}, got {message!r}")
             parts.append(message["content"])
         return "\n".join(parts)
-    raise ValueError(f"item {index}: {field} must be a string or a list of messages, "
+    raise ValueError(f"{where} must be a string or a list of messages, "
                      f"got {type(value).__name__}")
+
+
+def _as_text(value, index: int, field: str) -> str:
+    return join_messages(value, f"item {index}: {field}")
 
 
 def parse_items(items) -> list[ScoreItem]:
