@@ -111,12 +111,24 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
                             zip(triplets.policy_a[:n], triplets.policy_b[:n], strict=True)])
         evals[prefix] = (pairs, pair_kl)
     edges = kl_bin_edges(np.concatenate([k for _, k in evals.values()]), args.data.kl_bins)
+    evals = {prefix: (pairs, np.clip(np.searchsorted(edges, pair_kl, side="right") - 1, 0,
+                                     len(edges) - 2))
+             for prefix, (pairs, pair_kl) in evals.items()}
     final_step = source.num_steps
     def evaluate(module):
-        row = {}
-        for prefix, (pairs, _) in evals.items():
-            res = evaluate_pairs(module, pairs, tokenizer.pad_token_id)
+        """Held-out loss and accuracy; accuracy by bins of true policy KL goes to
+        eval_by_kl.json (rewritten at each evaluation, so it ends with the final one)."""
+        import torch.distributed as dist
+
+        row, by_kl = {}, {}
+        for prefix, (pairs, bins) in evals.items():
+            res = evaluate_pairs(module, pairs, tokenizer.pad_token_id, bins=bins)
             row[f"{prefix}_loss"], row[f"{prefix}_accuracy"] = res["loss"], res["accuracy"]
+            by_kl[prefix] = [{"kl_lo": float(edges[k]), "kl_hi": float(edges[k + 1]),
+                              "accuracy": res[f"acc_bin{k}"], "n": res[f"n_bin{k}"]}
+                             for k in range(len(edges) - 1)]
+        if dist.get_rank() == 0:
+            (run.path / "eval_by_kl.json").write_text(json.dumps(by_kl, indent=2))
         return row
 
     def export(module, state, run_):
@@ -126,14 +138,6 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
                             "max_response_length": args.data.max_response_length})
         module.save_pretrained(run_.model_dir, state_dict=state)
         tokenizer.save_pretrained(str(run_.model_dir))
-        by_kl = {}
-        for prefix, (pairs, pair_kl) in evals.items():
-            bins = np.clip(np.searchsorted(edges, pair_kl, side="right") - 1, 0, len(edges) - 2)
-            res = evaluate_pairs(module, pairs, tokenizer.pad_token_id, bins=bins)
-            by_kl[prefix] = [{"kl_lo": float(edges[k]), "kl_hi": float(edges[k + 1]),
-                              "accuracy": res[f"acc_bin{k}"], "n": res[f"n_bin{k}"]}
-                             for k in range(len(edges) - 1)]
-        (run_.path / "eval_by_kl.json").write_text(json.dumps(by_kl, indent=2))
 
     from polar_scaling.sizes import non_embedding_params, total_params
 
