@@ -131,7 +131,7 @@ def _chinchilla(run: FitRun) -> plt.Figure:
     ax0.grid(alpha=0.3)
 
     ax1.scatter(fitted["compute"], fitted["loss"], c=fitted["params"], norm=norm,
-                cmap="viridis", s=14, label=f"runs used in the fit ({len(fitted)})")
+                cmap="viridis", s=14, label=f"points used in the fit ({len(fitted)})")
     c_hi = fitted["compute"].max()
     if run.heldout is not None:
         c_hi = max(c_hi, run.heldout["compute"].max())
@@ -358,16 +358,29 @@ def _loss_ticks(ax, both: bool = False) -> None:
 
 
 class _LossLocator(Locator):
-    """Evenly spaced round ticks when the axis spans under ~1.3 decades, log ticks otherwise.
+    """Round ticks spread evenly in log space when the axis spans under ~1.3 decades.
 
-    A loss axis often spans 0.5 to 0.7 nats, where a log locator would place no tick at all.
+    A loss axis often spans 0.5 to 0.7 nats, where a log locator places no tick at all, and
+    linear ticks crowd the top of a log axis; wider axes get the usual decade ticks.
     """
+
+    MANTISSAS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5, 2.8, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0,
+                 8.0, 9.0)
 
     def __call__(self):
         lo, hi = self.axis.get_view_interval()
         return self.tick_values(lo, hi)
 
     def tick_values(self, vmin, vmax):
-        if vmin > 0 and vmax / vmin < 20:
-            return MaxNLocator(nbins=7).tick_values(vmin, vmax)
-        return LogLocator(base=10).tick_values(vmin, vmax)
+        if not (vmin > 0 and vmax / vmin < 20):
+            return LogLocator(base=10).tick_values(vmin, vmax)
+        decades = range(int(np.floor(np.log10(vmin))), int(np.ceil(np.log10(vmax))) + 1)
+        cands = [m * 10.0**k for k in decades for m in self.MANTISSAS if vmin <= m * 10.0**k <= vmax]
+        gap = np.log(vmax / vmin) / 8
+        ticks = []
+        for c in cands:
+            if not ticks or np.log(c / ticks[-1]) >= gap:
+                ticks.append(c)
+        if len(ticks) < 4:
+            return MaxNLocator(nbins=6).tick_values(vmin, vmax)
+        return np.array(ticks)

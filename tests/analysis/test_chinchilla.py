@@ -86,7 +86,7 @@ def test_iteration_limit_is_reported(recwarn):
     assert any("did not converge" in str(w.message) for w in recwarn)
 
 
-@pytest.mark.parametrize("stride", [1, 9, 45])
+@pytest.mark.parametrize("stride", [9, 45])
 def test_degenerate_fit_is_flagged(stride):
     # Loss that ignores N: the N term is not identified, and whichever of its many exact
     # fits the optimiser lands on (alpha -> 0 with E -> 0, or a vanishing A/N^alpha) must be
