@@ -21,10 +21,13 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/polar-sweep demo sweeps/tiny.yaml
+	BIN=$(VENV)/bin scripts/experiment.sh sweeps/tiny.yaml
 
+# The Slurm tests need the local single-node Slurm: started here (idempotent) where we can
+# (root on Debian); elsewhere they fail with a message saying how to start it.
 test: install
 	$(VENV)/bin/ruff check polar_scaling analysis tests benchmarks
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash slurm/local/start.sh; fi
 	$(PY) -m pytest -q tests
 
 lint: install
