@@ -34,12 +34,25 @@ RUN_CONFIG = {
 }
 
 
-def write_sweep(path: Path, dataset: Path | str, **sections) -> Path:
-    """A pre-training sweep file over the test dataset; ``sections`` replace top-level keys."""
+# The smallest base LM: 8 steps of 4 rows of 64 tokens.
+BASE = {
+    "budget": {"tokens": 2048},
+    "config": {"data": {"seq_len": 64, "eval_rows": 8}, "batch": {"size": 4},
+               "schedule": {"eval_points": 2, "progress": False}},
+}
+
+
+def write_sweep(path: Path, dataset: Path | str | None, **sections) -> Path:
+    """A pre-training sweep file; ``sections`` replace top-level keys.
+
+    ``dataset``: an existing dataset directory, or None for the whole chain: a `generate`
+    run for the data, then a base LM per size (`lm` runs), then the pre-training runs.
+    """
+    chain = {"data": {"generate": DATASET}, "base": BASE}
     doc = {
         "name": "t",
         "stage": "pretrain",
-        "data": {"dir": str(dataset)},
+        **({"data": {"dir": str(dataset)}} if dataset is not None else chain),
         "config": RUN_CONFIG,
         "grid": {"sizes": ["t12k"], "budgets": [{"tokens": 4000}], "seeds": [0]},
         "resources": {"time": 10},

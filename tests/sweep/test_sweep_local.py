@@ -1,5 +1,6 @@
-"""End to end without Slurm: the local executor runs the real pre-training stage; a failing
-run is reported with its log and does not stop the others; launching again submits nothing."""
+"""End to end without Slurm: the local executor runs the real stages in dependency order (the
+data, a base LM, then pre-training runs from it); a failing run is reported with its log and
+does not stop the others; launching again submits nothing."""
 
 from __future__ import annotations
 
@@ -29,30 +30,33 @@ def submissions(store, run_id):
     return store.read_record(run_id).get("submissions", [])
 
 
-def test_local_sweep_end_to_end(dataset, tmp_path):
-    # Two runs: 4,000 tokens trains; 1e7 tokens is more than the dataset holds and fails.
-    path = write_sweep(tmp_path / "s.yaml", dataset,
+def test_local_sweep_end_to_end(tmp_path):
+    # The data and a base LM first; then two runs from them: 4,000 tokens trains, 1e7 tokens
+    # is more than the dataset holds and fails.
+    path = write_sweep(tmp_path / "s.yaml", None,
                        grid={"sizes": ["t12k"], "budgets": [{"tokens": 4000}, {"tokens": 1e7}],
                              "seeds": [0]},
                        launch={"parallelism": 2, "max_attempts": 1})
     root = tmp_path / "root"
     sweep = load_sweep(path, root=root)
     store = Store(root)
-    good, bad = sweep.runs
+    data, base, good, bad = sweep.runs
+    assert (data.stage, base.stage, good.deps) == ("generate", "lm", (data.run_id, base.run_id))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(
         [sys.executable, "-m", "polar_scaling.sweep.cli", "launch", str(path), "--root",
          str(root), "--executor", "local"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=env)
     try:
-        wait_for(lambda: all(submissions(store, r.run_id) for r in sweep.runs), 120,
-                 "both runs to start")
+        wait_for(lambda: submissions(store, data.run_id), 120, "the data run to start")
+        # Dependencies first: nothing else starts before the data exists.
+        assert not any(submissions(store, r.run_id) for r in (base, good, bad))
         # While the first launcher runs them, a second launch submits nothing.
         code, out = polar_sweep("launch", path, "--root", root, "--executor", "local")
         assert code == 0 and "nothing submitted" in out, out
-        states = {s.run.run_id: s.state for s in store.status(sweep)}
-        assert states[good.run_id] in ("running", "done"), states
-        out, _ = first.communicate(timeout=240)
+        states = [s.state for s in store.status(sweep)]
+        assert states == ["running", "pending", "pending", "pending"], states
+        out, _ = first.communicate(timeout=300)
     finally:
         first.kill()
     assert first.returncode == 1, out  # one run failed
@@ -72,7 +76,16 @@ def test_local_sweep_end_to_end(dataset, tmp_path):
     assert code == 0, out
     assert "0 run(s) to submit" in out
     assert f"not submitting {bad.run_id}: failed 1 times" in out
-    assert [len(submissions(store, r.run_id)) for r in sweep.runs] == [1, 1]
+    assert [len(submissions(store, r.run_id)) for r in sweep.runs] == [1, 1, 1, 1]
+    # Each stage started after the runs it needs had finished.
+    def started(run):
+        return json.loads((store.run_dir(run.run_id) / "sweep_events.jsonl").read_text()
+                          .splitlines()[0])["time"]
+
+    def finished(run):
+        return (store.run_dir(run.run_id) / "done.json").stat().st_mtime
+
+    assert finished(data) <= started(base) and finished(base) <= started(good)
     code, out = polar_sweep("collect", path, "--root", root)
     assert code == 0, out
     df = pd.read_parquet(root / "results.parquet")
@@ -83,10 +96,14 @@ def test_local_sweep_end_to_end(dataset, tmp_path):
     assert final["loss"] == done["final_eval"]["eval_loss"]
     assert final["flops"] == done["flops"] and final["tokens"] == done["tokens"]
     assert (final["params"], final["non_embedding_params"]) == (done["params"], 13440)
+    assert final["base_run_id"] == base.run_id
+    lm_done = json.loads((store.run_dir(base.run_id) / "done.json").read_text())
+    assert final["base_flops"] == lm_done["flops"] > 0
+    assert done["base"] == str(store.run_dir(base.run_id) / "model")
     # A changed config is a new run beside the old one, not an overwrite.
     changed = load_sweep(path, ["config.optim.lr=0.002"], root=root)
     assert changed.runs[0].run_id != good.run_id
-    assert [s.state for s in store.status(changed)] == ["new", "new"]
+    assert [s.state for s in store.status(changed)] == ["done", "done", "new", "new"]
 
 
 def test_debug_executor_reports_a_failure_and_goes_on(tmp_path):

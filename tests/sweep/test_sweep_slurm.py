@@ -42,11 +42,12 @@ def last_step(store, run_id):
 
 
 @pytest.fixture(scope="module")
-def array_sweep(dataset, tmp_path_factory):
-    """Three runs (seeds 0-2) launched as one job array and waited for."""
+def array_sweep(tmp_path_factory):
+    """The data, a base LM, then three runs from them (seeds 0-2) as one job array, each job
+    waiting for the ones before it (afterok); launched and waited for."""
     require_slurm()
     tmp = tmp_path_factory.mktemp("slurm-array")
-    path = write_sweep(tmp / "s.yaml", dataset, grid={
+    path = write_sweep(tmp / "s.yaml", None, grid={
         "sizes": ["t12k"], "budgets": [{"tokens": BUDGET}], "seeds": [0, 1, 2]})
     root = tmp / "root"
     sweep = load_sweep(path, root=root)
@@ -69,41 +70,61 @@ def test_three_run_array_through_sbatch(array_sweep):
     sweep, store = array_sweep["sweep"], array_sweep["store"]
     code, out = array_sweep["first"]
     assert code == 0, out
-    assert "3 run(s) to submit with executor slurm" in out
+    assert "5 run(s) to submit with executor slurm" in out
+    data, base, *runs = sweep.runs
     job_ids = [jobs_of(store, r.run_id) for r in sweep.runs]
     assert all(len(j) == 1 for j in job_ids)
-    array_id = job_ids[0][0].split("_")[0]
-    assert sorted(j[0] for j in job_ids) == [f"{array_id}_{i}" for i in range(3)]
+    data_job, base_job = job_ids[0][0], job_ids[1][0]
+    array_id = job_ids[2][0].split("_")[0]
+    assert sorted(j[0] for j in job_ids[2:]) == [f"{array_id}_{i}" for i in range(3)]
     assert f"submitted pretrain-t12k: job {array_id} (array of 3)" in out
-    script = (store.scripts_dir / f"{array_id}-pretrain-t12k.sbatch").read_text()
-    assert "#SBATCH --array=0-2%2" in script.splitlines()
+    lines = (store.scripts_dir / f"{array_id}-pretrain-t12k.sbatch").read_text().splitlines()
+    assert "#SBATCH --array=0-2%2" in lines
+    assert f"#SBATCH --dependency=afterok:{data_job}:{base_job}" in lines
+    assert "#SBATCH --kill-on-invalid-dep=yes" in lines
+    lines = (store.scripts_dir / f"{base_job}-lm-t12k.sbatch").read_text().splitlines()
+    assert f"#SBATCH --dependency=afterok:{data_job}" in lines
+    # afterok held every job until the ones it needs had finished.
+    def started(run):
+        return events(store, run.run_id, "start")[0]["time"]
+
+    def finished(run):
+        return (store.run_dir(run.run_id) / "done.json").stat().st_mtime
+
+    assert finished(data) <= started(base)
+    assert all(finished(base) <= started(run) for run in runs)
     # While it ran, a second launch submitted nothing.
     code, out = array_sweep["again"]
     assert code == 0 and "0 run(s) to submit" in out, out
     assert set(array_sweep["states_during"].values()) <= {"pending", "running", "done"}
     code, out = array_sweep["waited"]
-    assert code == 0 and out.strip().endswith("3 done"), out
+    assert code == 0 and out.strip().endswith("5 done"), out
     # After it finished, a launch submits nothing either.
     code, out = array_sweep["after"]
-    assert code == 0 and "0 run(s) to submit" in out and "'done': 3" in out, out
-    assert [len(jobs_of(store, r.run_id)) for r in sweep.runs] == [1, 1, 1]
+    assert code == 0 and "0 run(s) to submit" in out and "'done': 5" in out, out
+    assert [len(jobs_of(store, r.run_id)) for r in sweep.runs] == [1] * 5
     code, out = array_sweep["collected"]
     assert code == 0 and "from 3 run(s) (3 finished)" in out, out
     df = pd.read_parquet(array_sweep["root"] / "results.parquet")
     finals = df[df.final]
-    assert sorted(finals.run_id) == sorted(r.run_id for r in sweep.runs)
+    assert sorted(finals.run_id) == sorted(r.run_id for r in runs)
     assert (finals.status == "done").all() and (finals.loss > 0).all()
     assert sorted(finals.seed) == [0, 1, 2]
     assert (finals.tokens >= BUDGET).all() and (finals.budget_tokens == BUDGET).all()
+    base_flops = json.loads((store.run_dir(base.run_id) / "done.json").read_text())["flops"]
+    assert (finals.base_flops == base_flops).all() and (finals.base_run_id == base.run_id).all()
     for run in sweep.runs:  # each job imported the code snapshot of the launch
         start = events(store, run.run_id, "start")[0]
         assert start["code"].startswith(str(array_sweep["root"] / "code"))
 
 
-def test_preemption_hard_requeue_and_time_limit_resume_exactly(array_sweep, dataset,
-                                                               tmp_path, monkeypatch):
-    ref_run = next(r for r in array_sweep["sweep"].runs if r.seed == 0)
+def test_preemption_hard_requeue_and_time_limit_resume_exactly(array_sweep, tmp_path,
+                                                               monkeypatch):
+    ref_run = next(r for r in array_sweep["sweep"].runs if r.role == "run" and r.seed == 0)
     ref_dir = array_sweep["store"].run_dir(ref_run.run_id)
+    # The same data and base LM as the array's runs.
+    dataset = ref_run.config["data"]["dir"]
+    per_size = {"t12k": {"config": {"model": {"base": ref_run.config["model"]["base"]}}}}
     ref_steps = json.loads((ref_dir / "done.json").read_text())["steps"]
     # Jobs inherit the submitting environment: steps are paced (see slow_steps/) so that
     # every run is still training when its signal lands, on a fast machine too.
@@ -126,10 +147,11 @@ def test_preemption_hard_requeue_and_time_limit_resume_exactly(array_sweep, data
             path = write_sweep(tmp_path / f"{name}.yaml", dataset,
                                grid={"sizes": ["t12k"], "budgets": [{"tokens": BUDGET}],
                                      "seeds": [0]},
-                               launch={"parallelism": 2, "signal_delay_s": 30})
+                               launch={"parallelism": 2, "signal_delay_s": 30},
+                               per_size=per_size)
             sweep = load_sweep(path, root=tmp_path / name)
-            # The same config as the array's seed 0: the same run id under another root.
-            assert sweep.runs[0].run_id == ref_run.run_id
+            # The same config as the array's run of seed 0.
+            assert sweep.runs[0].config == ref_run.config
             monkeypatch.setenv("POLAR_TEST_MIN_STEP_S", str(pace))
             code, out = polar_sweep("launch", path, "--root", sweep.root, "--executor", "slurm")
             assert code == 0, out
