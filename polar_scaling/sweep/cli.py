@@ -6,7 +6,6 @@
     polar-sweep collect SWEEP.yaml          # ROOT/results.parquet and ROOT/results.csv
     polar-sweep cancel SWEEP.yaml [--only GLOB]
     polar-sweep logs SWEEP.yaml RUN [-n 40]
-    polar-sweep demo SWEEP.yaml             # launch --wait, then collect
 
 ``key=value`` arguments override the sweep file (e.g. ``grid.seeds=[0]``).
 """
@@ -41,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only runs whose id matches (repeatable; dependencies follow)")
 
     for name, help_text in (("launch", "submit the runs that are not done, pending or running"),
-                            ("dry-run", "print the plan and write the batch scripts only"),
-                            ("demo", "launch and wait, then collect the results table")):
+                            ("dry-run", "print the plan and write the batch scripts only")):
         p = sub.add_parser(name, help=help_text)
         common(p)
         p.add_argument("--executor", choices=("slurm", "local", "debug"),
@@ -126,10 +124,10 @@ def cmd_launch(args) -> int:
             skipped[key] = skipped.get(key, 0) + 1
         print(f"{sweep.spec.name}: {len(plan.submit)} run(s) to submit with executor "
               f"{executor}" + (f"; left alone: {skipped}" if skipped else "") + f" (root {store.root})")
-        if not plan.submit and not args.command == "demo" and not getattr(args, "wait", False):
+        wait = getattr(args, "wait", False)
+        if not plan.submit and not wait:
             return 0
         L.prepare(sweep, store, plan.submit)
-        wait = getattr(args, "wait", False) or args.command == "demo"
         if executor == "slurm":
             if plan.submit:
                 L.submit_slurm(sweep, store, plan, sys.stdout)
@@ -145,11 +143,6 @@ def cmd_launch(args) -> int:
         if executor == "slurm" else store.status(sweep)
     statuses = [s for s in statuses if only is None or s.run.run_id in only]
     _print_final(statuses)
-    if args.command == "demo":
-        from polar_scaling.sweep.collect import write_results
-
-        df = write_results(sweep, store)
-        print(f"results: {len(df)} rows -> {store.root / 'results.parquet'}")
     return 1 if any(s.state in ("failed", "blocked") for s in statuses) else 0
 
 
@@ -224,7 +217,7 @@ def cmd_logs(args) -> int:
     return 0
 
 
-COMMANDS = {"launch": cmd_launch, "dry-run": cmd_launch, "demo": cmd_launch,
+COMMANDS = {"launch": cmd_launch, "dry-run": cmd_launch,
             "status": cmd_status, "collect": cmd_collect, "cancel": cmd_cancel, "logs": cmd_logs}
 
 

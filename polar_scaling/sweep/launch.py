@@ -394,11 +394,12 @@ def run_debug(sweep: Sweep, store: Store, plan: Plan, out) -> dict[str, str]:
 # --------------------------------------------------------------------------- cancel
 
 
-def cancel(sweep: Sweep, store: Store, only: set[str] | None = None, out=sys.stdout) -> int:
+def cancel(sweep: Sweep, store: Store, only: set[str] | None = None, out=None) -> int:
     """Cancel the sweep's pending and running jobs (and a live local launcher); returns how
     many runs were cancelled. A cancelled run saves a checkpoint and a launch resumes it."""
     import subprocess
 
+    out = out or sys.stdout
     statuses = [s for s in store.status(sweep)
                 if s.state in ("pending", "running") and (only is None or s.run.run_id in only)]
     launcher = store.local_launcher()

@@ -203,3 +203,32 @@ def test_preemption_hard_requeue_and_time_limit_resume_exactly(array_sweep, tmp_
     sweep, run, store = runs["limit"]
     assert len(events(store, run.run_id, "requeue")) == 1
     assert "this job is timed-out" in store.status(sweep)[0].log.read_text()
+
+
+def test_cancel_then_launch_submits_again(tmp_path):
+    require_slurm()
+    path = write_sweep(tmp_path / "s.yaml", tmp_path / "no-data-needed-before-it-starts")
+    root = tmp_path / "root"
+    sweep = load_sweep(path, root=root)
+    store = Store(root)
+    try:
+        code, out = polar_sweep("launch", path, "--root", root, "--executor", "slurm")
+        assert code == 0, out
+        job = jobs_of(store, sweep.runs[0].run_id)[0]
+        code, out = polar_sweep("cancel", path, "--root", root)
+        assert code == 0 and f"cancelled {sweep.runs[0].run_id}" in out and "1 run(s)" in out
+        assert [s.state for s in store.status(sweep)] == ["cancelled"]
+        deadline = time.time() + 60  # Slurm's own record follows
+        while time.time() < deadline:
+            sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job],
+                                   capture_output=True, text=True).stdout.split()
+            if sacct and sacct[0].startswith("CANCELLED"):
+                break
+            time.sleep(1)
+        assert sacct and sacct[0].startswith("CANCELLED"), sacct
+        # A cancelled run is not done: the next launch submits it again.
+        code, out = polar_sweep("launch", path, "--root", root, "--executor", "slurm")
+        assert code == 0 and "1 run(s) to submit" in out, out
+        assert len(jobs_of(store, sweep.runs[0].run_id)) == 2
+    finally:
+        polar_sweep("cancel", path, "--root", root)

@@ -184,3 +184,15 @@ def test_bad_stage_config_fails_before_anything_is_written(tmp_path):
     assert code == 2
     assert "(run pretrain-t12k-tok4e3-s0): schedule.eval_point: unknown key" in out
     assert not list((tmp_path / "r").glob("runs/*/launch.yaml"))
+
+
+def test_logs_prints_the_end_of_a_runs_latest_log(fabricated):
+    path, sweep, store, base, runs, paths = fabricated
+    paths.stderr.write_text("".join(f"line {i}\n" for i in range(100)))
+    code, out = polar_sweep("logs", path, runs[1].run_id[:30], "--root", store.root, "-n", "3")
+    assert code == 0
+    assert out.splitlines() == [f"==> {paths.stderr}", "line 97", "line 98", "line 99"]
+    code, out = polar_sweep("logs", path, runs[3].run_id, "--root", store.root)
+    assert code == 2 and f"{runs[3].run_id} was never submitted" in out
+    code, out = polar_sweep("logs", path, "pretrain-", "--root", store.root)
+    assert code == 2 and "4 runs match 'pretrain-'" in out
