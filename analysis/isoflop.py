@@ -100,7 +100,8 @@ def _budget_minima(
     return curve_minimum(ln, ll, method), d_min, len(ln)
 
 
-def _budget_arrays(df: pd.DataFrame, rtol: float) -> list[tuple[float, np.ndarray, ...]]:
+def budget_arrays(df: pd.DataFrame, rtol: float) -> list[tuple[float, np.ndarray, ...]]:
+    """(budget, params, tokens, loss) arrays for each compute budget, in increasing order."""
     budgets = group_budgets(df["compute"].to_numpy(dtype=float), rtol)
     out = []
     for c in np.unique(budgets):
@@ -120,7 +121,7 @@ def isoflop_optima(
     if method not in METHODS:
         raise ValueError(f"unknown optimum method {method!r}; choose one of {METHODS}")
     rows = []
-    for c, n, d, loss in _budget_arrays(df, rtol):
+    for c, n, d, loss in budget_arrays(df, rtol):
         row = {"compute": c, "n_points": int(len(n)), "n_opt": np.nan, "d_opt": np.nan,
                "loss_opt": np.nan, "used": False, "note": ""}
         n_min, d_min, sizes = _budget_minima(n, d, loss, method)
@@ -178,7 +179,7 @@ def fit_isoflop(
     if bootstrap > 1:
         rng = np.random.default_rng(seed)
         keep = set(used["compute"])
-        groups = [b for b in _budget_arrays(df, rtol) if b[0] in keep]
+        groups = [b for b in budget_arrays(df, rtol) if b[0] in keep]
         samples = np.full((bootstrap, 4), np.nan)
         for i in range(bootstrap):
             pts = []

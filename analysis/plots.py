@@ -19,8 +19,10 @@ from matplotlib.ticker import (  # noqa: E402
     MaxNLocator,
     NullFormatter,
 )
+from scipy.interpolate import Akima1DInterpolator  # noqa: E402
 
 from analysis.chinchilla import chinchilla_loss  # noqa: E402
+from analysis.isoflop import budget_arrays, curve_points  # noqa: E402
 from analysis.result import FitResult  # noqa: E402
 from analysis.workflow import FitRun  # noqa: E402
 
@@ -169,9 +171,7 @@ def _isoflop(run: FitRun) -> plt.Figure:
     r = run.result
     optima = pd.DataFrame(r.extras["optima"])
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(14, 5.5), layout="constrained")
-    from analysis.isoflop import _budget_arrays, curve_points
-
-    budgets = _budget_arrays(run.fitted, run.spec.budget_rtol)
+    budgets = budget_arrays(run.fitted, run.spec.budget_rtol)
     norm = LogNorm(min(b[0] for b in budgets), max(b[0] for b in budgets))
     cmap = plt.get_cmap("plasma")
     for (c, n, _, loss), (_, opt) in zip(budgets, optima.iterrows(), strict=True):
@@ -334,8 +334,6 @@ def _frontier(params: dict[str, float], c: np.ndarray) -> np.ndarray:
 def _curve(ln: np.ndarray, ll: np.ndarray, grid: np.ndarray, method: str) -> np.ndarray:
     if method == "parabola":
         return np.polyval(np.polyfit(ln, ll, 2), grid)
-    from scipy.interpolate import Akima1DInterpolator
-
     return np.exp(Akima1DInterpolator(ln, np.log(ll))(grid))
 
 

@@ -109,7 +109,7 @@ def run_fit(table: pd.DataFrame, spec: FitSpec) -> FitRun:
             f"held out the {spec.holdout_largest} largest {by} value(s): {len(held)} rows"
         )
     fitted = select_points(train, spec)
-    result = _fit(fitted, train, spec)
+    result = _fit(fitted, spec)
     run = FitRun(spec=spec, result=result, table=table, fitted=fitted, notes=notes)
     if held is not None:
         run.heldout = _predict_heldout(result, held, spec)
@@ -117,7 +117,7 @@ def run_fit(table: pd.DataFrame, spec: FitSpec) -> FitRun:
     return run
 
 
-def _fit(rows: pd.DataFrame, train: pd.DataFrame, spec: FitSpec) -> FitResult:
+def _fit(rows: pd.DataFrame, spec: FitSpec) -> FitResult:
     common = {"bootstrap": spec.bootstrap, "seed": spec.seed, "ci_level": spec.ci_level}
     if spec.form == "power":
         return fit_power_law(rows[spec.x].to_numpy(), rows["loss"].to_numpy(), x_name=spec.x,

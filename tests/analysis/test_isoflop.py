@@ -117,6 +117,15 @@ def test_isoflop_with_too_few_budgets_raises():
     assert optima["used"].all() and len(optima) == 2
 
 
+@pytest.mark.parametrize(("column", "value", "match"),
+                         [("loss", np.nan, "NaN"), ("params", 0.0, "non-positive")])
+def test_isoflop_rejects_bad_values(column, value, match):
+    df = isoflop_table()
+    df.loc[3, column] = value
+    with pytest.raises(FitError, match=match):
+        fit_isoflop(df)
+
+
 def test_envelope_allocation_recovers_chinchilla_exponent():
     table = learning_curves(sizes=np.geomspace(1e7, 1e9, 10), tokens_per_param=300, points=40,
                             noise=0.001)
