@@ -63,11 +63,13 @@ def standardize(
     if columns.loss not in raw.columns:
         raise FitError(_missing(raw, columns.loss, "--loss"))
     out = pd.DataFrame(index=raw.index)
-    out["loss"] = pd.to_numeric(raw[columns.loss], errors="coerce")
+    # float, not the nullable Int64 a Parquet table may carry, so a missing value is NaN.
+    out["loss"] = pd.to_numeric(raw[columns.loss], errors="coerce").astype(float)
     derived = []
     for axis in AXES:
         name = getattr(columns, axis)
-        out[axis] = pd.to_numeric(raw[name], errors="coerce") if name in raw.columns else np.nan
+        out[axis] = (pd.to_numeric(raw[name], errors="coerce").astype(float)
+                     if name in raw.columns else np.nan)
     have = {axis: getattr(columns, axis) in raw.columns for axis in AXES}
     if not have["tokens"] and have["compute"] and have["params"]:
         out["tokens"] = out["compute"] / (6.0 * out["params"])
@@ -85,7 +87,7 @@ def standardize(
     else:
         out["group"] = [f"row{i}" for i in range(len(raw))]
     if columns.step in raw.columns:
-        out["step"] = pd.to_numeric(raw[columns.step], errors="coerce")
+        out["step"] = pd.to_numeric(raw[columns.step], errors="coerce").astype(float)
     else:
         out["step"] = out["tokens"].where(out["tokens"].notna(), out["compute"])
     if columns.final in raw.columns:

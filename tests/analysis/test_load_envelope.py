@@ -94,6 +94,22 @@ def test_envelope_of_learning_curves_keeps_run_identity():
     assert set(env.columns) >= {"params", "tokens", "group"}
 
 
+def test_nullable_integer_columns_from_parquet(tmp_path):
+    # The sweep manager stores params and step as nullable Int64.
+    raw = learning_curves(sizes=(1e7, 1e8), points=3)
+    for col in ("params", "step"):
+        raw[col] = raw[col].astype("Int64")
+    raw.loc[0, "params"] = pd.NA  # a step-0 row: dropped anyway for its zero compute
+    raw.to_parquet(tmp_path / "r.parquet")
+    df = standardize(read_table(tmp_path / "r.parquet"), need=("params", "compute"))
+    assert df["params"].dtype == float and len(df) == 6
+    assert sorted(final_points(df)["params"]) == [1e7, 1e8]
+    raw.loc[2, "params"] = pd.NA  # an evaluation row
+    raw.to_parquet(tmp_path / "r.parquet")
+    with pytest.raises(FitError, match="'params'.*NaN"):
+        standardize(read_table(tmp_path / "r.parquet"), need=("params",))
+
+
 def test_read_table_csv_and_parquet(tmp_path):
     raw = learning_curves(sizes=(1e7,), points=3)
     raw.to_csv(tmp_path / "t.csv", index=False)
