@@ -59,6 +59,7 @@ def write_sweep(path: Path, dataset: Path | str | None, **sections) -> Path:
         "launch": {"parallelism": 2},
     }
     doc.update(sections)
+    doc = {k: v for k, v in doc.items() if v is not None}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
