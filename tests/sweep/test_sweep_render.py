@@ -93,3 +93,22 @@ def test_fill_drops_empty_placeholder_lines_and_rejects_unknown_names():
     assert fill("a\n{{x}}\nb {{y}}\n", {"x": "", "y": 1}) == "a\nb 1\n"
     with pytest.raises(ValueError, match="unknown placeholder"):
         fill("{{nope}}", {})
+
+
+def test_tiny_dry_run_chains_data_base_lms_and_runs(tmp_path):
+    code, out = polar_sweep("dry-run", REPO / "sweeps" / "tiny.yaml", "--root", tmp_path)
+    assert code == 0, out
+    scripts = {p.stem: p.read_text().splitlines()
+               for p in (tmp_path / "scripts" / "dry-run").glob("*.sbatch")}
+    assert sorted(scripts) == ["generate", "lm", "pretrain-t100k", "pretrain-t200k",
+                               "pretrain-t25k", "pretrain-t50k"]
+    assert not any(ln.startswith("#SBATCH --dependency") for ln in scripts["generate"])
+    assert "#SBATCH --dependency=afterok:<generate>" in scripts["lm"]
+    assert "#SBATCH --array=0-3%2" in scripts["lm"]  # one base LM per size, 2 at once
+    for i, size in enumerate(["t25k", "t50k", "t100k", "t200k"]):
+        lines = scripts[f"pretrain-{size}"]
+        # Every budget of a size waits for the data and for that size's base LM only.
+        assert f"#SBATCH --dependency=afterok:<generate>:<lm_{i}>" in lines
+        assert "#SBATCH --kill-on-invalid-dep=yes" in lines
+        assert "#SBATCH --array=0-2%2" in lines
+    assert "17 runs" in out and "nothing submitted" in out
