@@ -32,7 +32,6 @@ from pathlib import Path
 import submitit
 from submitit.slurm.slurm import SlurmExecutor, SlurmJob
 
-from polar_scaling.config import ConfigError
 from polar_scaling.sweep.job import RunJob
 from polar_scaling.sweep.render import JobGroup, group_runs, render_script, torch_extensions_dir
 from polar_scaling.sweep.spec import RunSpec, Sweep, resolve_stage_config
@@ -443,7 +442,3 @@ def _q(text: str) -> str:
 
     return shlex.quote(text)
 
-
-__all__ = ["ConfigError", "EXECUTORS", "Plan", "cancel", "check_executor", "default_executor",
-           "dry_run_scripts", "launcher_lock", "make_plan", "prepare", "run_debug", "run_local",
-           "submit_slurm"]

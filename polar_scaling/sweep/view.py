@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from polar_scaling.sweep.spec import RunSpec, Sweep
+from polar_scaling.sweep.spec import Sweep
 from polar_scaling.sweep.store import STATES, RunStatus
 
 
@@ -154,6 +154,3 @@ def _bar(p: float | None, width: int = 10) -> str:
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
-
-__all__ = ["LiveView", "RunSpec", "duration", "is_finished", "plan_table", "si",
-           "status_table", "summary"]
