@@ -17,7 +17,8 @@ PY
 fits="$root/fits"
 
 echo "== 1/3 sweep $SWEEP -> $root"
-"$BIN/polar-sweep" launch "$SWEEP" "$@" --wait
+# A failed run is reported by launch (with its log) and left out of the fits; the rest go on.
+"$BIN/polar-sweep" launch "$SWEEP" "$@" --wait || echo "some runs failed: see polar-sweep status $SWEEP"
 "$BIN/polar-sweep" collect "$SWEEP" "$@"
 
 echo "== 2/3 fits -> $fits"
@@ -26,8 +27,10 @@ fit() { "$BIN/polar-analyze" fit "$root/results.csv" --out "$fits/$1" "${@:2}" >
 mkdir -p "$fits"
 fit compute_power --form power --x compute --envelope
 fit compute_saturating --form saturating --x compute --envelope
-fit params_power --form power --x params --final-only
-fit params_extrapolation --form power --x params --final-only --holdout-largest 1
+# N is the non-embedding parameter count, as in the compute formula (polar_scaling/sizes.py).
+fit params_power --form power --x params --params non_embedding_params --final-only
+fit params_extrapolation --form power --x params --params non_embedding_params --final-only \
+    --holdout-largest 1
 
 echo "== 3/3 summary ($((SECONDS - start)) s)"
 "$BIN/python" - "$fits" <<'PY'
