@@ -216,8 +216,9 @@ def synth_preferences(dataset: str | Path, split: str = "heldout_prompts", seed:
     prompt; its sample g is the reference. Three candidates are drawn (T itself allowed when
     ``include_target``, answering with its next sample) with each relation (self, family,
     other) equally likely, and kept only if consecutive KLs differ by more than ``min_z``
-    standard errors, so the ranking is not estimation noise; after ``tries`` failed draws the
-    group is skipped. Each row carries ``prompt_id``, ``target``, ``chosen_policy``,
+    standard errors, so the ranking is not estimation noise, and if the three answers differ
+    as text; after ``tries`` failed draws the group is skipped, as is a group whose reference
+    is empty (T stopped at once). Each row carries ``prompt_id``, ``target``, ``chosen_policy``,
     ``rejected_policy``, ``kl_chosen`` and ``kl_rejected`` besides the preference fields;
     :func:`public_row` strips them. Text is the dataset tokenizer's decoding of the ids, and
     encoding it back must give the same ids (checked here for every piece).
@@ -260,9 +261,11 @@ def synth_preferences(dataset: str | Path, split: str = "heldout_prompts", seed:
         for g in range(groups_per_prompt):
             rng = np.random.default_rng([seed, pid, g])
             target = policies[writers[rng.integers(len(writers))]]
+            ref_row = grid[(pid, target["index"])][g]
+            prompt, reference = text("prompt", ref_row), text("response", ref_row)
             pool = [i for i in writers if include_target or i != target["index"]]
-            if len(pool) < 3:
-                continue
+            if not reference or len(pool) < 3:
+                continue  # an empty reference (T stopped at once) gives nothing to compare
             rel = [relation(target, policies[i]) for i in pool]
             counts = {r: rel.count(r) for r in set(rel)}
             weight = np.array([1.0 / counts[r] for r in rel])
@@ -273,17 +276,16 @@ def synth_preferences(dataset: str | Path, split: str = "heldout_prompts", seed:
                                key=lambda i: kl[(target["policy_id"], policies[i]["policy_id"])])
                 ks = [kl[(target["policy_id"], policies[i]["policy_id"])] for i in cands]
                 es = [se.get((target["policy_id"], policies[i]["policy_id"]), 0.0) for i in cands]
-                if all(ks[k + 1] - ks[k] > min_z * float(np.hypot(es[k], es[k + 1]))
-                       for k in range(2)):
+                if not all(ks[k + 1] - ks[k] > min_z * float(np.hypot(es[k], es[k + 1]))
+                           for k in range(2)):
+                    continue
+                answers = [text("response", grid[(pid, i)][(g + 1) % n_samples
+                                                           if i == target["index"] else g])
+                           for i in cands]
+                if len(set(answers)) == 3:  # two equal answers cannot be ranked
                     break
             else:
                 continue
-            ref_row = grid[(pid, target["index"])][g]
-            answers = []
-            for i in cands:
-                sample = (g + 1) % n_samples if i == target["index"] else g
-                answers.append(text("response", grid[(pid, i)][sample]))
-            prompt, reference = text("prompt", ref_row), text("response", ref_row)
             for hi, lo in ((0, 1), (0, 2), (1, 2)):
                 ch, rj = policies[cands[hi]], policies[cands[lo]]
                 out.append({

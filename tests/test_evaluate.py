@@ -88,6 +88,10 @@ def test_without_reference_empties_the_slot(tok):
     model = Squared(tok.convert_tokens_to_ids(C))
     assert pair_margins(model, tok, row, "sft", True).tolist() == [7.0]
     assert pair_margins(model, tok, row, "sft", False).tolist() == [1.0]
+    # A system prompt reaches the input too: its two C make it 6² - 5² and 3² - 2².
+    row = [Preference(A, C + C + C, C, A + A, system=C + C)]
+    assert pair_margins(model, tok, row, "sft", True).tolist() == [11.0]
+    assert pair_margins(model, tok, row, "sft", False).tolist() == [5.0]
 
 
 def test_margins_match_the_scoring_api(tok):

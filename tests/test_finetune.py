@@ -19,15 +19,18 @@ from polar_scaling.preferences import (
 )
 from polar_scaling.rundir import read_jsonl
 from polar_scaling.sizes import get_size, hf_config
-from polar_scaling.tokenizer import load_tokenizer
+from polar_scaling.tokenizer import content_char, load_tokenizer
 
 FAST = ["schedule.progress=false", "schedule.eval_points=2", "batch.size=8", "model.size=t12k"]
 
 
 @pytest.fixture(scope="module")
 def prefs(tiny_dataset, tmp_path_factory):
-    """Train and eval preference files of disjoint prompts from the tiny world."""
+    """Train and eval preference files of disjoint prompts from the tiny world; every other
+    row carries a system prompt (conditional scoring)."""
     rows = synth_preferences(tiny_dataset, min_z=0.0, groups_per_prompt=3)
+    for r in rows[::2]:
+        r["system"] = content_char(0) + content_char(1)
     train, held = split_by_prompt(rows, 0.5)
     root = tmp_path_factory.mktemp("prefs")
     return (write_preferences([public_row(r) for r in train], root / "train.jsonl"),

@@ -13,6 +13,7 @@ from polar_scaling.preferences import (
     categories,
     encode_preferences,
     main,
+    parse_preference,
     public_row,
     read_preferences,
     split_by_prompt,
@@ -121,6 +122,7 @@ def test_synthetic_set_is_ranked_by_true_kl(tiny_dataset):
     family = {p["policy_id"]: p["family"] for p in ds.policies}
     heldout = {p["policy_id"] for p in ds.policies if p["split"] == "heldout"}
     for r in rows:
+        parse_preference(public_row(r), "row")  # valid: non-empty reference, answers differ
         target = r["target"]
         assert kl[(target, r["chosen_policy"])] == r["kl_chosen"] < r["kl_rejected"] \
             == kl[(target, r["rejected_policy"])]
