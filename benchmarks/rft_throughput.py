@@ -1,0 +1,244 @@
+"""RFT throughput: the ``rft`` stage's PPO step against a plain loop of the same cycle.
+
+Both paths run in one process on the same world, prompts, reward model and PPO settings:
+
+- stage: :class:`polar_scaling.rft_loop.PPOStep` (actor and critic on DeepSpeed engines,
+  rollouts through the policy API, metrics reduced as in a run);
+- plain: the same generate → score → update cycle written directly: ``model.generate`` on
+  a left-padded batch, the reward model's forward, GAE, and ``torch.optim.AdamW`` updates
+  with gradient clipping, no engine, no reductions.
+
+Steps alternate in blocks (stage, plain, stage, plain ...) so that load from other processes
+falls on both; reported are medians over the timed steps: rollout tokens/s (the actor's
+response tokens over the rollout phase, which also writes the references), the whole step's
+seconds and the update phase's seconds, and stage/plain ratios (above 1: the stage is slower).
+
+By default a small synthetic world is generated into a temporary folder and the reward
+model is a randomly initialised one of ``--rm-size`` (scoring costs what a trained one does);
+``--data`` and ``--rm`` take existing ones.
+
+    python benchmarks/rft_throughput.py
+    python benchmarks/rft_throughput.py --data runs/rftx/data --rm runs/rftx/rm_strong/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from polar_scaling.config import load_config  # noqa: E402
+from polar_scaling.dist_env import init_distributed  # noqa: E402
+from polar_scaling.rft import RFTArgs  # noqa: E402
+from polar_scaling.rft_loop import PPOStep  # noqa: E402
+from polar_scaling.rft_ppo import (  # noqa: E402
+    ValueModel,
+    collate_rollouts,
+    gae,
+    gather_positions,
+    policy_loss,
+    token_logprobs,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from polar_scaling.rft_rollout import step_prompts, strip_eos, trainable_copy  # noqa: E402
+from polar_scaling.rundir import RunDir  # noqa: E402
+from polar_scaling.world import derive_seed  # noqa: E402
+
+WORLD = {
+    "world": {"content_vocab": 32, "families": 2, "members_per_family": 2,
+              "heldout_members_per_family": 1, "logit_scale": 1.5,
+              "arch": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
+                       "num_heads": 2, "max_positions": 64}},
+    "prompts": {"train": 256, "heldout_prompts": 16, "heldout_policies": 16,
+                "min_len": 2, "max_len": 6},
+    "sampling": {"max_new_tokens": 12, "batch_size": 512},
+    "kl": {"enabled": False}, "workers": 1, "progress": False,
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", help="a synthetic-world dataset (default: a small one in a temp dir)")
+    p.add_argument("--rm", help="a reward-model folder (default: a random one of --rm-size)")
+    p.add_argument("--rm-size", default="t25k")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per path per block")
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--prompts-per-step", type=int, default=32)
+    p.add_argument("--samples-per-prompt", type=int, default=2)
+    p.add_argument("--minibatch", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="also write the results here")
+    return p.parse_args(argv)
+
+
+def make_inputs(tmp: Path, args) -> tuple[str, str]:
+    data, rm = args.data, args.rm
+    if data is None:
+        from polar_scaling.data_generate import GenerateArgs, generate
+
+        data = str(tmp / "data")
+        generate(load_config(GenerateArgs, None, [], defaults=WORLD), Path(data))
+    if rm is None:
+        from polar_scaling.model import RewardModel
+        from polar_scaling.sizes import get_size, hf_config
+        from polar_scaling.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(Path(data) / "tokenizer")
+        torch.manual_seed(0)
+        cfg = hf_config(get_size(args.rm_size).with_vocab(len(tok)), pad_token_id=tok.pad_token_id)
+        rm = str(tmp / "rm")
+        RewardModel.from_config(cfg, {"wrapper": "pretrain"}).save_pretrained(rm)
+        tok.save_pretrained(rm)
+    return data, rm
+
+
+class PlainLoop:
+    """The generate → score → PPO-update cycle without the stage's machinery."""
+
+    def __init__(self, stage: PPOStep):
+        a = stage.args
+        self.a, self.setup, self.reward = a, stage.setup, stage.reward
+        self.actor = trainable_copy(self.setup.init)
+        self.critic = ValueModel.from_policy(self.setup.init.model)
+        opt = {"betas": (a.optim.beta1, a.optim.beta2), "eps": a.optim.eps, "weight_decay": 0.0}
+        self.opt_actor = torch.optim.AdamW(self.actor.parameters(), lr=a.optim.lr, **opt)
+        self.opt_critic = torch.optim.AdamW(self.critic.parameters(), lr=a.critic_optim.lr, **opt)
+        from transformers import GenerationConfig
+
+        init, r = self.setup.init, a.rollout
+        self.gen = GenerationConfig(
+            do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            max_new_tokens=self.setup.max_new_tokens, pad_token_id=init.pad_id,
+            eos_token_id=init.eos_ids, suppress_tokens=init.suppress_ids or None)
+
+    def _generate(self, heads: list[list[int]], seed: int) -> list[list[int]]:
+        width = max(map(len, heads))
+        ids = torch.full((len(heads), width), self.setup.init.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, h in enumerate(heads):
+            ids[i, width - len(h):], mask[i, width - len(h):] = torch.tensor(h), 1
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            new = self.actor.generate(input_ids=ids, attention_mask=mask,
+                                      generation_config=self.gen)[:, width:].tolist()
+        eos = set(self.setup.init.eos_ids)
+        out = []
+        for row in new:
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            out.append(row[:end])
+        return out
+
+    def step(self, step: int) -> dict:
+        a, s = self.a, self.setup
+        t0 = time.time()
+        idx = step_prompts(len(s.train_prompts), step, a.rollout.prompts_per_step, 0, 1, a.seed)
+        prompts = [s.train_prompts[i] for i in idx]
+        refs = [strip_eos(y, s.target.eos_ids) for y in s.target.generate(
+            prompts, 1, seed=derive_seed(a.seed, "reference", step, 0),
+            max_new_tokens=s.max_new_tokens)]
+        k = a.rollout.samples_per_prompt
+        rep_p = [p for p in prompts for _ in range(k)]
+        rep_r = [r for r in refs for _ in range(k)]
+        heads = [s.init.prefix_ids + p for p in rep_p]
+        responses = self._generate(heads, derive_seed(a.seed, "plain", step))
+        t1 = time.time()
+        batch = collate_rollouts(heads, responses, s.init.pad_id)
+        scores = self.reward(rep_p, rep_r, [strip_eos(y, s.init.eos_ids) for y in responses])
+        with torch.no_grad():
+            logp, _ = token_logprobs(self.actor(input_ids=batch.input_ids,
+                                                attention_mask=batch.attention_mask).logits,
+                                     batch, s.init.suppress_ids)
+            values = gather_positions(self.critic(batch.input_ids, batch.attention_mask),
+                                      batch.positions) * batch.mask
+        adv, ret = gae(token_rewards(scores, batch.mask), values, batch.mask)
+        m = batch.mask
+        mean = adv[m].mean().item()
+        adv = whiten(adv, m, mean, adv[m].std(unbiased=False).item()).float()
+        ret = ret.float()
+        t2 = time.time()
+        for epoch in range(a.ppo.epochs):
+            order = np.random.default_rng([a.seed, step, epoch]).permutation(len(batch))
+            for lo in range(0, len(order), a.ppo.minibatch):
+                index = torch.as_tensor(order[lo:lo + a.ppo.minibatch])
+                b = batch.select(index)
+                t = b.tokens.shape[1]
+                lp, _ = token_logprobs(self.actor(input_ids=b.input_ids,
+                                                  attention_mask=b.attention_mask).logits,
+                                       b, s.init.suppress_ids)
+                loss, _ = policy_loss(lp, logp[index, :t], adv[index, :t], b.mask, a.ppo.clip)
+                self._update(self.opt_actor, self.actor, loss)
+                v = gather_positions(self.critic(b.input_ids, b.attention_mask), b.positions)
+                vloss = value_loss(v, values[index, :t], ret[index, :t], b.mask, a.ppo.value_clip)
+                self._update(self.opt_critic, self.critic, vloss)
+        t3 = time.time()
+        tokens = int(m.sum())
+        return {"rollout_s": t1 - t0, "ppo_s": t3 - t2, "step_s": t3 - t0,
+                "rollout_tokens_per_s": tokens / (t1 - t0)}
+
+    def _update(self, opt, model, loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.a.optim.grad_clip)
+        opt.step()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    init_distributed()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data, rm = make_inputs(tmp, args)
+        cfg = load_config(RFTArgs, None, [
+            f"data.dir={data}", f"reward.model={rm}", "reward.mode=rm", "policy.init=f0m0",
+            "policy.target=f1m0", f"rollout.prompts_per_step={args.prompts_per_step}",
+            f"rollout.samples_per_prompt={args.samples_per_prompt}",
+            f"ppo.minibatch={args.minibatch}", f"ppo.epochs={args.epochs}",
+            f"budget.steps={10 ** 6}", "schedule.progress=false"])
+        run = RunDir(tmp / "run")
+        run.path.mkdir()
+        stage = PPOStep(cfg, run, 0, 1)
+        plain = PlainLoop(stage)
+        stage.step(0), plain.step(0)  # warm-up: first generate call, allocator
+        times = {"stage": [], "plain": []}
+        step = 1
+        for _ in range(args.blocks):
+            for name in ("stage", "plain"):
+                for i in range(args.steps):
+                    t = stage.step(step + i)[1] if name == "stage" else plain.step(step + i)
+                    times[name].append(t)
+            step += args.steps
+    med = {name: {k: statistics.median(t[k] for t in rows)
+                  for k in ("rollout_s", "ppo_s", "step_s", "rollout_tokens_per_s")}
+           for name, rows in times.items()}
+    out = {
+        "rollouts_per_step": args.prompts_per_step * args.samples_per_prompt,
+        "ppo_epochs": args.epochs, "minibatch": args.minibatch, "threads": args.threads,
+        "timed_steps_per_path": args.steps * args.blocks,
+        "stage": med["stage"], "plain": med["plain"],
+        "step_time_ratio": med["stage"]["step_s"] / med["plain"]["step_s"],
+        "ppo_time_ratio": med["stage"]["ppo_s"] / med["plain"]["ppo_s"],
+        "rollout_time_ratio": med["stage"]["rollout_s"] / med["plain"]["rollout_s"],
+    }
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
