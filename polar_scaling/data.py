@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from polar_scaling.errors import StageError
+from polar_scaling.rundir import atomic_write
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -59,13 +59,8 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary name, fsync, then rename: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON so that readers never see half a file (see rundir.atomic_write)."""
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def read_manifest(path: str | Path) -> dict:
