@@ -141,3 +141,46 @@ def test_base_lm_then_reward_model_from_it(tiny_dataset, tmp_path):
         tiny_dataset, f"model.base={lm / 'model'}", "model.size=t25k")))
     assert code == 2 and "not that of size t25k" in out
     assert not (tmp_path / "rm2" / "metrics.jsonl").exists()
+
+
+def test_lm_resume_after_sigkill_is_exact(tiny_dataset, tmp_path):
+    args = [f"data.dir={tiny_dataset}", "size=t12k", "data.seq_len=16", "data.eval_rows=8",
+            "batch.size=4", "budget.tokens=640", "schedule.progress=false",
+            "schedule.checkpoint_every=2", "schedule.log_every=1"]
+    ref = tmp_path / "ref"
+    code, out = finish(polar_train("lm", ref, *args))
+    assert code == 0, out
+    cut = tmp_path / "cut"
+    proc = polar_train("lm", cut, *args)
+    marker = cut / "checkpoints" / "0000000002" / "COMPLETE"
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.01)
+    kill_tree(proc)
+    if (cut / "done.json").exists():
+        pytest.fail("the run finished before it could be killed")
+    code, out = finish(polar_train("lm", cut, *args))
+    assert code == 0, out
+    expected, got = read_jsonl(ref / "metrics.jsonl"), read_jsonl(cut / "metrics.jsonl")
+    assert len(got) == len(expected) and any("eval_lm_loss" in r for r in got)
+    for a, b in zip(expected, got, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-6, rel=0), (a["step"], k)
+
+
+def test_base_with_another_vocabulary_is_refused_before_training(tiny_dataset, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from polar_scaling.sizes import get_size, hf_config
+
+    base = tmp_path / "base"
+    LlamaForCausalLM(hf_config(get_size("t12k").with_vocab(99))).save_pretrained(base)
+    run = tmp_path / "rm"
+    code, out = finish(polar_train("pretrain", run, *rm_args(tiny_dataset,
+                                                             f"model.base={base}")))
+    assert code == 2 and "has vocab 99" in out
+    assert not (run / "metrics.jsonl").exists()
+    code, out = finish(polar_train("pretrain", tmp_path / "rm2", *rm_args(
+        tiny_dataset, f"model.base={tmp_path / 'nowhere'}")))
+    assert code == 2 and "is not a model folder" in out
