@@ -228,7 +228,7 @@ def test_responses_needed_arithmetic():
 
 
 def test_prompts_needed_agrees_with_the_triplets_a_dataset_holds(tiny_dataset):
-    from conftest import tiny_args
+    from tiny_world import tiny_args
 
     from polar_scaling.data_generate import prompts_needed
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_GENERATE, tiny_args
+from tiny_world import TINY_GENERATE, tiny_args
 
 from polar_scaling.cli import train_main
 from polar_scaling.config import merge

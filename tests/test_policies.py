@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_WORLD
+from tiny_world import TINY_WORLD
 
 from polar_scaling.config import from_dict
 from polar_scaling.kl import kl_matrix, sequence_kl, summarize_kl

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TRUE, chinchilla
+from synthetic_tables import TRUE, chinchilla
 
 from analysis.chinchilla import fit_chinchilla, start_grid
 from analysis.result import FitError, FitWarning

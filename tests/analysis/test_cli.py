@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import learning_curves
+from synthetic_tables import learning_curves
 
 from analysis.cli import main
 from analysis.envelope import lower_envelope

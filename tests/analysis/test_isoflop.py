@@ -3,7 +3,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TRUE, chinchilla, learning_curves
+from synthetic_tables import TRUE, chinchilla, learning_curves
 
 from analysis.envelope import lower_envelope
 from analysis.isoflop import (

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import learning_curves
+from synthetic_tables import learning_curves
 
 from analysis.envelope import final_points, lower_envelope
 from analysis.load import Columns, read_table, standardize
