@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--ft-lr", type=float, default=3e-4, help="fine-tuning a pre-trained model")
-    p.add_argument("--scratch-lr", type=float, default=3e-3, help="fine-tuning from scratch")
+    p.add_argument("--scratch-lr", type=float, default=1e-3, help="fine-tuning from scratch")
     p.add_argument("--scratch-epochs", type=int, help="epochs from scratch (default --epochs)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = p.parse_args(argv)
@@ -167,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results)
     n_train = sum(1 for _ in open(prefs / "train.jsonl"))
     n_eval = sum(1 for _ in open(prefs / "eval.jsonl"))
-    pre = json.loads((out / f"pretrain_s{pre_seeds[0]}" / "done.json").read_text())
+    pre = {s: json.loads((out / f"pretrain_s{s}" / "done.json").read_text()) for s in pre_seeds}
     summary["setup"] = {"args": {k: str(v) for k, v in vars(args).items()},
                         "train_pairs": n_train, "eval_pairs": n_eval,
-                        "pretrain_tokens": pre["tokens"],
-                        "pretrain_final_eval": pre.get("final_eval"),
+                        "pretrain_tokens": pre[pre_seeds[0]]["tokens"],
+                        "pretrain_final_eval": {s: d.get("final_eval") for s, d in pre.items()},
                         "wall_seconds": {k: round(v, 1) for k, v in walls.items()}}
     table = format_summary(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -240,6 +240,10 @@ def format_summary(summary: dict) -> str:
     if setup:
         lines.append(f"- fine-tuning pairs {setup['train_pairs']}, evaluation pairs "
                      f"{setup['eval_pairs']}, pre-training tokens {setup['pretrain_tokens']:,}")
+        acc = [f"{100 * e['eval_accuracy']:.1f}" for e in setup["pretrain_final_eval"].values()
+               if e is not None]
+        lines.append("- pre-training triplet accuracy on held-out prompts, per seed: "
+                     + ", ".join(acc))
         lines.append("- wall seconds: " + ", ".join(
             f"{k} {v}" for k, v in setup["wall_seconds"].items()))
     return "\n".join(lines) + "\n"
