@@ -83,6 +83,11 @@ class PPOStep:
                                   max_new_tokens=s.max_new_tokens,
                                   batch_size=max(self.rollouts_rank, 1))
         self.policy = actor_view(s.init, self.actor.module, sampling)
+        # The evaluation samples in one batch of its own, so its draws do not depend on the
+        # rollout batch (nor on the world size).
+        n_eval = max(len(s.eval_prompts) * args.eval.samples_per_prompt, 1)
+        self.eval_policy = actor_view(s.init, self.actor.module, SamplingConfig(
+            max_new_tokens=s.max_new_tokens, batch_size=n_eval))
         self.can_eval = s.target is not None and bool(s.eval_prompts)
         self._target_samples = None
 
@@ -265,12 +270,13 @@ class PPOStep:
         s, e = self.setup, self.args.eval
         self.actor.module.eval()
         seed = derive_seed(self.args.seed, "eval")
-        mine = Samples(self.policy, s.eval_prompts, e.samples_per_prompt, seed, s.max_new_tokens)
+        mine = Samples(self.eval_policy, s.eval_prompts, e.samples_per_prompt, seed,
+                       s.max_new_tokens)
         if self._target_samples is None:
             self._target_samples = Samples(s.target, s.eval_prompts, e.samples_per_prompt,
                                            seed, s.max_new_tokens)
         to_target = kl_from_samples(mine, s.target)
-        reverse = kl_from_samples(self._target_samples, self.policy)
+        reverse = kl_from_samples(self._target_samples, self.eval_policy)
         to_init = kl_from_samples(mine, s.init)
         return {"true_kl": to_target.kl_per_sequence,
                 "true_kl_stderr": to_target.stderr_per_sequence,

@@ -1,0 +1,256 @@
+"""RFT experiment: does PPO with a POLAR reward pull a policy toward the target policy?
+
+Every step is a ``polar-train`` run directory under ``--root`` (rerunning the script skips
+finished runs and resumes unfinished ones):
+
+1. ``generate``: a small synthetic world (4 families x 3 members, 32 content tokens, logit
+   scale 3 so that families differ strongly, responses of at most 12 tokens);
+2. ``lm``: a base LM of the RM size on the world's text (POLAR starts RMs from a base LM);
+3. ``pretrain``: POLAR reward models from that base, a ``strong`` one (6M tokens) and a
+   ``weak`` one (0.3M tokens), same size;
+4. ``rft``: PPO from ``f0m0`` (family 0) toward the target ``f1m0`` (family 1) at one budget,
+   ``--seeds`` seeds per arm: the strong RM, the weak RM, and three controls: an untrained
+   RM of the same size (random weights), a random reward, and the oracle reward
+   ``log target - log π`` (what an exact reward could do at this budget); each in two
+   regimes: no KL penalty (the paper's setting) and a KL penalty of 1 to the initial policy.
+
+Printed (and written to ``ROOT/results.json``): per RM, accuracies and how often it ranks a
+target sample above an initial-policy sample; per regime and arm, the true KL of the policy
+to the target on held-out prompts before and after RFT (per sequence and per token, and the
+reverse KL(target‖π)), the distance moved from the initial policy, response lengths, and the
+curve of the mean KL over seeds at the evaluation steps; wall time of each phase.
+
+    python benchmarks/rft_experiment.py --root runs/rft_experiment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT_DIR))
+
+from polar_scaling.rundir import read_jsonl  # noqa: E402
+
+WORLD = [
+    "world.content_vocab=32", "world.families=4", "world.members_per_family=3",
+    "world.heldout_members_per_family=1", "world.logit_scale=3.0",
+    "world.arch.hidden_size=32", "world.arch.intermediate_size=64", "world.arch.num_layers=1",
+    "world.arch.num_heads=2", "world.arch.max_positions=64",
+    "prompts.heldout_prompts=200", "prompts.heldout_policies=200", "prompts.min_len=2",
+    "prompts.max_len=6", "sampling.max_new_tokens=12", "sampling.batch_size=1024",
+    "shard_prompts=4000", "kl.prompts=32", "kl.samples_per_prompt=4", "progress=false",
+]
+RM_SIZE = "t25k"
+LM = [f"size={RM_SIZE}", "budget.tokens=2e6", "data.seq_len=128", "batch.size=32",
+      "optim.lr=3e-3", "schedule.eval_points=6", "schedule.checkpoint_every=1000",
+      "schedule.progress=false"]
+# Negatives from other families only: RFT needs the cross-family signal, and same-family
+# negatives of this world are near-indistinguishable (label noise for a small RM).
+PRETRAIN = [f"model.size={RM_SIZE}", "data.same_family_share=0", "batch.size=32",
+            "optim.lr=1e-3", "data.eval_pairs=256", "schedule.eval_points=10",
+            "schedule.checkpoint_every=1000", "schedule.progress=false"]
+RM_BUDGETS = {"strong": 6e6, "weak": 3e5}
+RFT = ["policy.init=f0m0", "policy.target=f1m0", "budget.steps=60",
+       "rollout.prompts_per_step=32", "rollout.samples_per_prompt=2", "ppo.minibatch=32",
+       "ppo.epochs=2", "optim.lr=1e-3", "critic_optim.lr=3e-3", "eval.prompts=64",
+       "eval.samples_per_prompt=4", "schedule.eval_points=8", "schedule.checkpoint_every=1000",
+       "schedule.progress=false"]
+ARMS = {
+    "rm_strong": ["reward.mode=rm", "reward.model={root}/rm_strong/model"],
+    "rm_weak": ["reward.mode=rm", "reward.model={root}/rm_weak/model"],
+    "untrained_rm": ["reward.mode=untrained_rm", "reward.model={root}/rm_strong/model"],
+    "random": ["reward.mode=random"],
+    "oracle": ["reward.mode=oracle"],
+}
+# The paper's setting (no KL penalty) and one with a KL penalty to the initial policy.
+REGIMES = {"kl0": ["ppo.kl_coef=0"], "kl1": ["ppo.kl_coef=1.0"]}
+SKIP = {("kl1", "oracle")}  # the oracle's reward already holds -log π
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=Path, default=ROOT_DIR / "runs" / "rft_experiment")
+    p.add_argument("--train-prompts", type=int, default=16000)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=2, help="RFT runs at a time (one thread each)")
+    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--regimes", nargs="*", default=list(REGIMES), choices=list(REGIMES))
+    p.add_argument("--rft", nargs="*", default=[], help="extra key=value for every RFT run")
+    return p.parse_args(argv)
+
+
+def polar_train(stage: str, run_dir: Path, overrides: list[str]) -> dict:
+    """Run one stage in a subprocess (one CPU thread); its done.json summary."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TORCH_EXTENSIONS_DIR": str(ROOT_DIR / ".cache" / "torch_extensions")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "polar_scaling.cli", stage, *overrides, "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT_DIR, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads((run_dir / "done.json").read_text())
+
+
+def timed(label: str, walls: dict, fn, *args):
+    t0 = time.time()
+    out = fn(*args)
+    walls[label] = round(time.time() - t0, 1)
+    print(f"[{label}] {walls[label]:.0f} s", flush=True)
+    return out
+
+
+def mean_sd(values, fmt: str = ".2f") -> str:
+    v = np.asarray(values, dtype=float)
+    sd = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():{fmt}} ± {sd:{fmt}}"
+
+
+def reward_gap(data: Path, rm: Path, n: int = 200) -> dict:
+    """How the RM ranks a target sample against an initial-policy sample for the same prompt
+    and target reference, on held-out prompts: P(target wins), mean score gap, score sd."""
+    import torch
+
+    from polar_scaling.rft_rollout import RMReward, load_setup, strip_eos
+
+    torch.set_num_threads(1)
+    s = load_setup(str(data), None, "f0m0", "f1m0", n, None)
+    prompts = s.eval_prompts[:n]
+    refs = [strip_eos(y, s.target.eos_ids) for y in s.target.generate(prompts, 1, seed=11)]
+    cand = {name: [strip_eos(y, p.eos_ids) for y in p.generate(prompts, 1, seed=12,
+                                                                full_distribution=True)]
+            for name, p in (("target", s.target), ("init", s.init))}
+    reward = RMReward(rm, s.tokenizer)
+    t, i = (reward(prompts, refs, cand[k]).numpy() for k in ("target", "init"))
+    return {"p_target_wins": float((t > i).mean()), "gap": float((t - i).mean()),
+            "score_sd": float(np.concatenate([t, i]).std())}
+
+
+def run_evals(root: Path, regime: str, arm: str, seeds: int) -> list[list[dict]]:
+    return [[r for r in read_jsonl(root / "rft" / regime / f"{arm}_s{s}" / "metrics.jsonl")
+             if "true_kl" in r] for s in range(seeds)]
+
+
+def summarize_arm(evals: list[list[dict]]) -> dict:
+    first = [e[0] for e in evals]
+    last = [e[-1] for e in evals]
+    steps = [r["step"] for r in evals[0]]
+    curve = {k: [float(np.mean([e[i][k] for e in evals])) for i in range(len(steps))]
+             for k in ("true_kl", "true_kl_reverse", "true_kl_per_token", "true_kl_to_init")}
+
+    def col(rows, key):
+        return [r[key] for r in rows]
+
+    return {
+        "seeds": len(evals),
+        "kl_initial": float(np.mean(col(first, "true_kl"))),
+        "kl_final": col(last, "true_kl"),
+        "kl_fall": [1 - b["true_kl"] / a["true_kl"] for a, b in zip(first, last, strict=True)],
+        "kl_min_on_curve": [min(r["true_kl"] for r in e) for e in evals],
+        "per_token_initial": float(np.mean(col(first, "true_kl_per_token"))),
+        "per_token_final": col(last, "true_kl_per_token"),
+        "reverse_initial": float(np.mean(col(first, "true_kl_reverse"))),
+        "reverse_final": col(last, "true_kl_reverse"),
+        "kl_to_init_final": col(last, "true_kl_to_init"),
+        "length_initial": float(np.mean(col(first, "eval_response_length"))),
+        "length_final": col(last, "eval_response_length"),
+        "curve_steps": steps, "curve": curve,
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    walls: dict[str, float] = {}
+    t_all = time.time()
+    timed("generate", walls, polar_train, "generate", root / "data",
+          [*WORLD, f"prompts.train={args.train_prompts}", "workers=2"])
+    data = [f"data.dir={root / 'data'}"]
+    timed("lm", walls, polar_train, "lm", root / f"lm_{RM_SIZE}", [*LM, *data])
+    base = [f"model.base={root / f'lm_{RM_SIZE}' / 'model'}"]
+
+    def pretrain(name):
+        return polar_train("pretrain", root / f"rm_{name}",
+                           [*PRETRAIN, *data, *base, f"budget.tokens={RM_BUDGETS[name]}"])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        rms = dict(zip(RM_BUDGETS, timed("pretrain", walls, lambda: list(pool.map(
+            pretrain, RM_BUDGETS))), strict=True))
+
+    jobs = [(regime, arm, s) for regime in args.regimes for arm in args.arms
+            for s in range(args.seeds) if (regime, arm) not in SKIP]
+
+    def rft(job):
+        regime, arm, seed = job
+        extra = [x.format(root=root) for x in ARMS[arm]]
+        t0 = time.time()
+        polar_train("rft", root / "rft" / regime / f"{arm}_s{seed}",
+                    [*RFT, *data, *REGIMES[regime], *extra, f"seed={seed}", *args.rft])
+        return time.time() - t0
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rft_walls = timed("rft", walls, lambda: list(pool.map(rft, jobs)))
+    walls["total"] = round(time.time() - t_all, 1)
+
+    results = {"walls_s": walls, "rft_runs": len(jobs),
+               "rft_wall_per_run_s": round(float(np.mean(rft_walls)), 1),
+               "rft_config": RFT + args.rft, "rm": {}, "arms": {}}
+    for name, done in rms.items():
+        ev = done.get("final_eval", {})
+        results["rm"][name] = {
+            "tokens": done["tokens"], "eval_accuracy": ev.get("eval_accuracy"),
+            "eval_loss": ev.get("eval_loss"),
+            "heldout_policies_accuracy": ev.get("eval_heldout_policies_accuracy"),
+            **reward_gap(root / "data", root / f"rm_{name}" / "model")}
+    for regime, arm, _ in jobs:
+        key = f"{regime}/{arm}"
+        if key not in results["arms"]:
+            results["arms"][key] = summarize_arm(run_evals(root, regime, arm, args.seeds))
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+    print_report(results)
+    return results
+
+
+def print_report(res: dict) -> None:
+    print("\nReward models (accuracy on held-out prompts / held-out policies; P(target sample "
+          "outscores an initial-policy sample, same reference)):")
+    for name, r in res["rm"].items():
+        print(f"  {name}: {r['tokens'] / 1e6:.1f}M tokens, accuracy {r['eval_accuracy']:.3f} / "
+              f"{r['heldout_policies_accuracy']:.3f}, loss {r['eval_loss']:.3f}, "
+              f"P(target wins) {r['p_target_wins']:.3f}, gap {r['gap']:.2f} "
+              f"(score sd {r['score_sd']:.2f})")
+    print("\n| regime/arm | KL(π‖t) start | KL(π‖t) end | fall (mean ± sd [min, max]) | "
+          "per token start → end | KL(t‖π) start → end | KL(π‖init) end | length start → end |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, a in res["arms"].items():
+        fall = np.asarray(a["kl_fall"]) * 100
+        sd = fall.std(ddof=1) if len(fall) > 1 else 0.0
+        print(f"| {key} | {a['kl_initial']:.1f} | {mean_sd(a['kl_final'], '.1f')} | "
+              f"{fall.mean():.0f}% ± {sd:.0f} [{fall.min():.0f}, {fall.max():.0f}] | "
+              f"{a['per_token_initial']:.2f} → {mean_sd(a['per_token_final'])} | "
+              f"{a['reverse_initial']:.1f} → {mean_sd(a['reverse_final'], '.1f')} | "
+              f"{mean_sd(a['kl_to_init_final'], '.1f')} | "
+              f"{a['length_initial']:.1f} → {mean_sd(a['length_final'], '.1f')} |")
+    print("\nCurve: mean KL(π‖target) per sequence over seeds at the evaluation steps")
+    steps = next(iter(res["arms"].values()))["curve_steps"]
+    print("| regime/arm | " + " | ".join(str(s) for s in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for key, a in res["arms"].items():
+        print(f"| {key} | " + " | ".join(f"{v:.1f}" for v in a["curve"]["true_kl"]) + " |")
+    print(f"\nwall time (s): {res['walls_s']}; {res['rft_runs']} RFT runs, "
+          f"{res['rft_wall_per_run_s']} s each on average")
+
+
+if __name__ == "__main__":
+    main()
