@@ -19,9 +19,9 @@ from analysis.powersum import (
 )
 from analysis.result import (
     FitResult,
+    apply_bootstrap,
     normal_ci,
     pearson_r,
-    percentile_ci,
     r2_score,
     require_count,
     require_points,
@@ -113,18 +113,8 @@ def fit_chinchilla(
     if bootstrap > 1:
         boot = bootstrap_multistart(log_x, log_loss, fit.x, delta, bootstrap, seed, max_iter,
                                     workers)
-        bn = to_natural(boot.x, 2)
-        samples = bn[:, [0, 1, 3, 2, 4]]
-        samples[~boot.converged] = np.nan
-        result.bootstrap_samples = samples[boot.converged]
-        result.ci = percentile_ci(samples, PARAMS, ci_level)
-        result.ci_method = f"bootstrap percentile, {bootstrap} resamples, seed {seed}"
-        result.stderr = dict(zip(PARAMS, np.nanstd(samples, axis=0, ddof=1).tolist(), strict=True))
-        result.stderr_method = "bootstrap standard deviation"
-        frac = float(boot.converged.mean())
-        result.diagnostics["bootstrap_converged_fraction"] = frac
-        if frac < 0.9:
-            result.warn(f"only {frac:.0%} of bootstrap refits converged")
+        samples = to_natural(boot.x, 2)[:, [0, 1, 3, 2, 4]]
+        apply_bootstrap(result, samples, boot.converged, PARAMS, ci_level, bootstrap, seed)
     terms = {"A/N^alpha": params["A"] * n ** -params["alpha"],
              "B/D^beta": params["B"] * d ** -params["beta"]}
     flag_problems(result, fit.diagnostics(), loss, terms)

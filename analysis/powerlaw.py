@@ -16,6 +16,7 @@ from analysis.powersum import (
 from analysis.result import (
     FitError,
     FitResult,
+    apply_bootstrap,
     normal_ci,
     pearson_r,
     percentile_ci,
@@ -191,15 +192,6 @@ def fit_saturating(
     if bootstrap > 1:
         boot = bootstrap_multistart(log_x, log_loss, fit.x, delta, bootstrap, seed, max_iter)
         samples = np.atleast_2d(to_natural(boot.x, 1))
-        samples[~boot.converged] = np.nan
-        result.bootstrap_samples = samples[boot.converged]
-        result.ci = percentile_ci(samples, names, ci_level)
-        result.ci_method = f"bootstrap percentile, {bootstrap} resamples, seed {seed}"
-        result.stderr = dict(zip(names, np.nanstd(samples, axis=0, ddof=1).tolist(), strict=True))
-        result.stderr_method = "bootstrap standard deviation"
-        frac = float(boot.converged.mean())
-        result.diagnostics["bootstrap_converged_fraction"] = frac
-        if frac < 0.9:
-            result.warn(f"only {frac:.0%} of bootstrap refits converged")
+        apply_bootstrap(result, samples, boot.converged, names, ci_level, bootstrap, seed)
     flag_problems(result, diag, loss, {"A·X^-alpha": params["A"] * x ** -params["alpha"]})
     return result

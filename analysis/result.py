@@ -166,6 +166,24 @@ def percentile_ci(samples: np.ndarray, names: list[str], level: float) -> dict[s
     return {n: [float(lo[i]), float(hi[i])] for i, n in enumerate(names)}
 
 
+def apply_bootstrap(result: FitResult, samples: np.ndarray, converged: np.ndarray,
+                    names: list[str], level: float, resamples: int, seed: int) -> None:
+    """Percentile intervals and standard deviations from bootstrap refits (natural-scale
+    parameters, one row per resample) into ``result``; refits that did not converge are left
+    out, and a warning is added when more than 10% did not."""
+    samples = np.array(samples, dtype=float)
+    samples[~converged] = np.nan
+    result.bootstrap_samples = samples[converged]
+    result.ci = percentile_ci(samples, names, level)
+    result.ci_method = f"bootstrap percentile, {resamples} resamples, seed {seed}"
+    result.stderr = dict(zip(names, np.nanstd(samples, axis=0, ddof=1).tolist(), strict=True))
+    result.stderr_method = "bootstrap standard deviation"
+    frac = float(converged.mean())
+    result.diagnostics["bootstrap_converged_fraction"] = frac
+    if frac < 0.9:
+        result.warn(f"only {frac:.0%} of bootstrap refits converged")
+
+
 def normal_ci(
     params: dict[str, float], stderr: dict[str, float], level: float, dof: int | None = None
 ) -> dict[str, list[float]]:
