@@ -15,7 +15,6 @@ Both mask ``suppress_ids`` (tokens a policy may never emit, e.g. pad and the rew
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -217,21 +216,13 @@ def read_prompts_jsonl(path: str | Path) -> list[str]:
 
     A missing file is a FileNotFoundError; a bad line is a ValueError naming ``file:line``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
+    from polar_scaling.jsonl import iter_jsonl
+
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'prompt'")
-            prompts.append(obj["prompt"])
+    for where, obj in iter_jsonl(path, what="prompts file"):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise ValueError(f"{where}: expected an object with a string 'prompt'")
+        prompts.append(obj["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

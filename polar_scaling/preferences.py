@@ -100,19 +100,10 @@ def parse_preference(obj, where: str) -> Preference:
 
 def read_preferences(path: str | Path) -> list[Preference]:
     """Every row of a preference JSONL file, validated (module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PreferenceError(f"preference file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PreferenceError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            rows.append(parse_preference(obj, f"{path}:{lineno}"))
+    from polar_scaling.jsonl import iter_jsonl
+
+    rows = [parse_preference(obj, where) for where, obj in
+            iter_jsonl(path, PreferenceError, PreferenceError, "preference file")]
     if not rows:
         raise PreferenceError(f"{path}: no preference rows")
     return rows
