@@ -17,6 +17,7 @@ per rollout; the oracle control instead returns per-token rewards.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,9 +213,13 @@ def step_prompts(n_prompts: int, step: int, per_step: int, rank: int, world: int
     out = []
     for k in range(start, start + per_rank):
         epoch, pos = divmod(k, n_prompts)
-        perm = np.random.default_rng([seed, 0x5F, epoch]).permutation(n_prompts)
-        out.append(int(perm[pos]))
+        out.append(int(_prompt_order(n_prompts, seed, epoch)[pos]))
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _prompt_order(n_prompts: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0x5F, epoch]).permutation(n_prompts)
 
 
 def strip_eos(response: Sequence[int], eos_ids: Sequence[int]) -> Ids:
