@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from polar_scaling.config import ConfigError, from_dict
 from polar_scaling.errors import StageError
+from polar_scaling.jsonl import iter_jsonl
 from polar_scaling.policies import HFPolicy, SamplingConfig
 from polar_scaling.world import derive_seed
 
@@ -169,21 +169,13 @@ def read_prompt_file(path: str | Path, need_reference: bool) -> tuple[list[str],
     A line without a non-empty ``reference`` is an error when ``need_reference`` (POLAR
     scores every rollout against a reference answer)."""
     path = Path(path)
-    if not path.is_file():
-        raise StageError(f"prompts file not found: {path}")
     prompts, refs = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    for where, obj in iter_jsonl(path, StageError, StageError, "prompts file"):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise StageError(f"{path}:{lineno}: expected an object with a string 'prompt'")
+            raise StageError(f"{where}: expected an object with a string 'prompt'")
         ref = obj.get("reference")
         if need_reference and (not isinstance(ref, str) or not ref.strip()):
-            raise StageError(f"{path}:{lineno}: no 'reference' answer; POLAR scores each rollout "
+            raise StageError(f"{where}: no 'reference' answer; POLAR scores each rollout "
                              f"against a reference, so every prompt needs one (or set "
                              f"policy.target to sample references from a target policy)")
         prompts.append(obj["prompt"])
