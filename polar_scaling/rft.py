@@ -89,8 +89,8 @@ class PPOArgs:
 
 @dataclass
 class RFTBudgetArgs:
-    """Exactly one of PPO steps or rollout tokens (at the response cap: steps =
-    ceil(tokens / (rollouts per step x max_new_tokens)))."""
+    """At most one of PPO steps or rollout tokens (at the response cap: steps =
+    ceil(tokens / (rollouts per step x max_new_tokens))); neither means 100 steps."""
 
     steps: int | None = field(default=None, metadata={"ge": 1})
     tokens: float | None = field(default=None, metadata={"gt": 0})
