@@ -186,9 +186,9 @@ def train_rft(args: RFTArgs, run: RunDir) -> dict:
     from polar_scaling.rundir import MetricsLog
     from polar_scaling.trainer import (
         StopSignals,
-        _restore_rng,
-        _rng_state,
         eval_steps,
+        restore_rng,
+        rng_state,
         seed_everything,
     )
 
@@ -204,7 +204,7 @@ def train_rft(args: RFTArgs, run: RunDir) -> dict:
     start, tokens = 0, 0
     if state is not None:
         start, tokens = state["step"], state["rollout_tokens"]
-        _restore_rng(state["rng"])
+        restore_rng(state["rng"])
     metrics.truncate_after(start if state is not None else -1)
     evals = eval_steps(total, args.schedule.eval_points, args.schedule.eval_first_fraction)
     if start == 0 and ppo.can_eval:
@@ -241,7 +241,7 @@ def train_rft(args: RFTArgs, run: RunDir) -> dict:
             stopping = stop.received is not None
             if done % args.schedule.checkpoint_every == 0 or done == total or stopping:
                 save_pair(ppo.actor, ppo.critic, run.checkpoints, done,
-                          {"step": done, "rollout_tokens": tokens, "rng": _rng_state()},
+                          {"step": done, "rollout_tokens": tokens, "rng": rng_state()},
                           args.schedule.keep_checkpoints)
                 last_good = done
             if stopping:

@@ -129,7 +129,7 @@ def train(run: RunDir, model: torch.nn.Module, engine_args: EngineArgs, optim: O
     start, tokens, flops = 0, 0, 0.0
     if state is not None:
         start, tokens, flops = state["step"], state["tokens"], state["flops"]
-        _restore_rng(state["rng"])
+        restore_rng(state["rng"])
     metrics.truncate_after(start)
     evals = eval_steps(source.num_steps, schedule.eval_points, schedule.eval_first_fraction)
     bar = _progress(schedule.progress and rank == 0, source, start, tokens)
@@ -165,7 +165,7 @@ def train(run: RunDir, model: torch.nn.Module, engine_args: EngineArgs, optim: O
             stopping = stop.received is not None
             if done % schedule.checkpoint_every == 0 or done == source.num_steps or stopping:
                 engine.save(run.checkpoints, done, {
-                    "step": done, "tokens": tokens, "flops": flops, "rng": _rng_state()},
+                    "step": done, "tokens": tokens, "flops": flops, "rng": rng_state()},
                     keep=schedule.keep_checkpoints)
                 last_good = done
             if stopping:
@@ -200,13 +200,13 @@ def _progress(enabled: bool, source: StepSource, start: int, tokens: int):
                 mininterval=1.0, desc="train", smoothing=0.1)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _restore_rng(state: dict) -> None:
+def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
