@@ -41,6 +41,17 @@ def kill_tree(proc):
     proc.communicate()
 
 
+def kill_after_checkpoint_2(proc, run_dir):
+    """SIGKILL a run as soon as its step-2 checkpoint is complete (mid-run, not at its end)."""
+    marker = run_dir / "checkpoints" / "0000000002" / "COMPLETE"
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.01)
+    kill_tree(proc)
+    if (run_dir / "done.json").exists():
+        pytest.fail("the run finished before it could be killed")
+
+
 def rm_args(data, *extra):
     return [f"data.dir={data}", "model.size=t12k", "budget.tokens=2400", "batch.size=8",
             "optim.lr=3e-3", "schedule.progress=false", "schedule.eval_points=4",
@@ -79,14 +90,7 @@ def test_pretrain_resume_after_sigkill_is_exact(tiny_dataset, tmp_path, world, z
     assert code == 0, out
     expected = read_jsonl(ref / "metrics.jsonl")
     cut = tmp_path / "cut"
-    proc = polar_train("pretrain", cut, *args, world=world)
-    marker = cut / "checkpoints" / "0000000002" / "COMPLETE"
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.01)
-    kill_tree(proc)
-    if (cut / "done.json").exists():
-        pytest.fail("the run finished before it could be killed")
+    kill_after_checkpoint_2(polar_train("pretrain", cut, *args, world=world), cut)
     code, out = finish(polar_train("pretrain", cut, *args, world=world))
     assert code == 0, out
     got = read_jsonl(cut / "metrics.jsonl")
@@ -151,14 +155,7 @@ def test_lm_resume_after_sigkill_is_exact(tiny_dataset, tmp_path):
     code, out = finish(polar_train("lm", ref, *args))
     assert code == 0, out
     cut = tmp_path / "cut"
-    proc = polar_train("lm", cut, *args)
-    marker = cut / "checkpoints" / "0000000002" / "COMPLETE"
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.01)
-    kill_tree(proc)
-    if (cut / "done.json").exists():
-        pytest.fail("the run finished before it could be killed")
+    kill_after_checkpoint_2(polar_train("lm", cut, *args), cut)
     code, out = finish(polar_train("lm", cut, *args))
     assert code == 0, out
     expected, got = read_jsonl(ref / "metrics.jsonl"), read_jsonl(cut / "metrics.jsonl")
