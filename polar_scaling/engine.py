@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from polar_scaling.config import check  # noqa: E402
+from polar_scaling.fused import FUSED_KERNELS, fuse_kernels  # noqa: E402
 
 COMPLETE = "COMPLETE"
 
@@ -54,6 +55,9 @@ class EngineArgs:
     # sweep runs one job per core (measured 20-40x slower with 2 threads on shared cores);
     # 0 keeps torch's default.
     cpu_threads: int = field(default=1, metadata={"ge": 0})
+    # Fused RMSNorm/SwiGLU/RoPE kernels (polar_scaling/fused.py): none, compile,
+    # compile_layers or liger. Which is fastest on a card is measured in docs/gpu.md.
+    fused_kernels: str = field(default="none", metadata={"choices": list(FUSED_KERNELS)})
 
     def __post_init__(self):
         check(not (self.offload_optimizer and self.zero_stage == 0), "offload_optimizer",
@@ -118,6 +122,7 @@ class Engine:
         config = ds_config(engine, optim, micro_batch, grad_accum, self.world_size)
         if run_path is not None and self.rank == 0:
             (Path(run_path) / "ds_config.json").write_text(json.dumps(config, indent=2))
+        fuse_kernels(model, engine.fused_kernels)
         if engine.activation_checkpointing and hasattr(model, "model"):
             model.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
