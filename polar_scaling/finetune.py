@@ -33,7 +33,7 @@ from polar_scaling.config import check, load_config, to_dict
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
-from polar_scaling.stage_args import BatchArgs
+from polar_scaling.stage_args import Attention, BatchArgs, BatchLayout
 from polar_scaling.trainer import ScheduleArgs
 
 
@@ -57,6 +57,8 @@ class FinetuneModelArgs:
     size: str = "t100k"  # ladder size when base is None
     tokenizer: str | None = None  # when base is None: a tokenizer folder or a dataset dir
     trust_remote_code: bool = False
+    # auto: packed_attention.best_packed_attention() for packed batches, sdpa for padded ones.
+    attention: Attention = "auto"
 
 
 @dataclass
@@ -171,7 +173,7 @@ class EpochSource:
     over its own permutation of them; a pure function of the step, like its parts."""
 
     def __init__(self, data, epochs: int, batch_size: int, micro: int, world: int, pad_id: int,
-                 flops_fn, seed: int, bucket_steps: int):
+                 flops_fn, seed: int, bucket_steps: int, row_tokens: int | None = None):
         from polar_scaling.pairs import PairData, PairStepSource
 
         self.parts = []
@@ -185,7 +187,7 @@ class EpochSource:
             self.parts.append(PairStepSource(
                 part, batch_size, micro, world, pad_id, flops_fn,
                 budget_tokens=float(part.tokens()[:whole].sum()), seed=seed + e,
-                bucket_steps=bucket_steps))
+                bucket_steps=bucket_steps, row_tokens=row_tokens))
         self.micro_batch = self.parts[0].micro_batch
         self.grad_accum = self.parts[0].grad_accum
         self._ends = np.cumsum([p.num_steps for p in self.parts])
@@ -208,13 +210,17 @@ class EpochSource:
         part, local = self._locate(step)
         return part.step_flops(local)
 
+    def pad_share(self, steps: int) -> float:
+        """Share of padding in the micro-batches of the first ``steps`` steps (first epoch)."""
+        return self.parts[0].pad_share(min(steps, self.parts[0].num_steps))
+
 
 # ----------------------------------------------------------------------------- training
 
 
 def finetune(args: FinetuneArgs, run: RunDir) -> dict:
     from polar_scaling.dist_env import init_distributed
-    from polar_scaling.pairs import evaluate_pairs, pair_loss
+    from polar_scaling.pairs import evaluate_pairs
     from polar_scaling.preferences import categories, encode_preferences, read_preferences
     from polar_scaling.sizes import non_embedding_params, total_params, train_flops
     from polar_scaling.trainer import seed_everything, train
@@ -236,14 +242,16 @@ def finetune(args: FinetuneArgs, run: RunDir) -> dict:
                                               with_reference=False, **limits)}
     names, labels = categories(eval_rows)
     micro = args.batch.micro or max(1, args.batch.size // world)
+    layout = BatchLayout.resolve(args.batch, args.model.attention, {"training": train_pairs, **evals})
+    layout.apply(model)
     source = EpochSource(train_pairs, args.epochs, args.batch.size, micro, world, pad,
                          lambda lens: train_flops(size, lens, head="reward"), args.seed,
-                         args.data.bucket_steps)
+                         args.data.bucket_steps, row_tokens=layout.row_tokens)
 
     def evaluate(module):
         row = {}
         for prefix, pairs in evals.items():
-            res = evaluate_pairs(module, pairs, pad)
+            res = evaluate_pairs(module, pairs, pad, **layout.eval_kwargs())
             row[f"{prefix}_loss"], row[f"{prefix}_accuracy"] = res["loss"], res["accuracy"]
         return row
 
@@ -255,7 +263,7 @@ def finetune(args: FinetuneArgs, run: RunDir) -> dict:
         tokenizer.save_pretrained(str(run_.model_dir))
         by_cat = {}
         for prefix, pairs in evals.items():
-            res = evaluate_pairs(module, pairs, pad, bins=labels)
+            res = evaluate_pairs(module, pairs, pad, bins=labels, **layout.eval_kwargs())
             by_cat[prefix] = {c: {"accuracy": res[f"acc_bin{k}"], "n": res[f"n_bin{k}"]}
                               for k, c in enumerate(names)}
         (run_.path / "eval_by_category.json").write_text(json.dumps(by_cat, indent=2))
@@ -263,9 +271,10 @@ def finetune(args: FinetuneArgs, run: RunDir) -> dict:
     extra = {"size": size.name, "params": total_params(size),
              "non_embedding_params": non_embedding_params(size), "base": args.model.base,
              "train_pairs": len(train_pairs), "eval_pairs": len(eval_rows),
-             "epochs": args.epochs, "wrapper": wrapper}
-    return train(run, model, args.engine, args.optim, args.schedule, source, pair_loss, evaluate,
-                 export=export, summary_extra=extra)
+             "epochs": args.epochs, "wrapper": wrapper,
+             "pad_share_first_steps": round(source.pad_share(20), 4), **layout.summary()}
+    return train(run, model, args.engine, args.optim, args.schedule, source, layout.loss_fn(),
+                 evaluate, export=export, summary_extra=extra)
 
 
 def _reward_id(tokenizer) -> int:

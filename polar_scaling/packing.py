@@ -8,6 +8,11 @@ at the padding that ends a row, which is how attention kernels tell sequences ap
 ``rows * row_tokens``) of each sequence's last token, in the input order, so a batch laid
 out as ``[chosen..., rejected...]`` splits with :func:`polar_scaling.losses.pair_scores`.
 
+:func:`fit_row_width` picks, for one micro-batch, the row width (at most ``row_tokens``)
+that needs the fewest slots, which the training stages use: a micro-batch much smaller
+than a row, or of similar lengths (length bucketing), then does not pay for a mostly empty
+row, and never needs more slots than padding to its longest sequence.
+
 For comparison, :func:`pad_sequences` and :func:`length_batches` build ordinary padded
 batches, with or without length bucketing; :func:`padded_pad_share` measures their waste.
 """
@@ -84,6 +89,31 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return [sorted(b) for b in bins]
 
 
+def fit_row_width(lengths: Sequence[int], row_tokens: int) -> int:
+    """The row width, at most ``row_tokens``, at which ``lengths`` pack into the fewest slots.
+
+    A micro-batch far smaller than a row, or of similar lengths, wastes most of a fixed
+    ``row_tokens`` row; packing first-fit-decreasing at a narrower capacity and cutting rows
+    to their fullest one avoids that. Tried: the longest sequence (one sequence per row at
+    worst, so never more slots than padding to the longest), ``row_tokens``, and
+    ``ceil(total / k)`` for every row count ``k`` in between. Ties go to the narrower width
+    (a dense attention mask costs rows x width^2). Deterministic in its arguments.
+    """
+    longest, total = max(lengths), sum(lengths)
+    if longest > row_tokens:
+        first_fit_decreasing(lengths, row_tokens)  # raises, naming the sequence
+    candidates = {longest, row_tokens}
+    candidates |= {w for k in range(1, len(lengths) + 1)
+                   if longest <= (w := -(-total // k)) <= row_tokens}
+    best = None
+    for cap in sorted(candidates):
+        bins = first_fit_decreasing(lengths, cap)
+        width = max(sum(lengths[i] for i in b) for b in bins)
+        if best is None or len(bins) * width < best[0]:
+            best = (len(bins) * width, width)
+    return best[1]
+
+
 def pack_sequences(seqs: Sequence[Sequence[int]], row_tokens: int, pad_id: int,
                    min_rows: int = 0) -> PackedBatch:
     """Pack ``seqs`` into rows of ``row_tokens`` (first-fit-decreasing).
@@ -114,11 +144,18 @@ def pack_sequences(seqs: Sequence[Sequence[int]], row_tokens: int, pad_id: int,
 
 
 def pack_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
-               row_tokens: int, pad_id: int) -> PackedBatch:
-    """Pack pairs so that scores come out as ``[chosen..., rejected...]`` (see pair_scores)."""
+               row_tokens: int, pad_id: int, fit_width: bool = False) -> PackedBatch:
+    """Pack pairs so that scores come out as ``[chosen..., rejected...]`` (see pair_scores).
+
+    ``fit_width``: rows of :func:`fit_row_width` (at most ``row_tokens``) instead of exactly
+    ``row_tokens``.
+    """
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
-    return pack_sequences(list(chosen) + list(rejected), row_tokens, pad_id)
+    seqs = list(chosen) + list(rejected)
+    if fit_width:
+        row_tokens = fit_row_width([len(s) for s in seqs], row_tokens)
+    return pack_sequences(seqs, row_tokens, pad_id)
 
 
 def group_pairs(pair_lens: Sequence[tuple[int, int]], row_tokens: int,

@@ -6,6 +6,13 @@ Each micro-batch is one forward pass over ``[chosen_0..chosen_{m-1}, rejected_0.
 Length bucketing: a window of ``bucket_steps`` optimizer steps is sorted by length and cut
 into steps, and the steps of the window are then shuffled, so a step holds examples of
 similar length (little padding) while the order stays a pure function of the step number.
+
+Packing (``row_tokens`` given): a micro-batch holds the same pairs, but its sequences are
+packed first-fit-decreasing into as many rows as they need, of the width at most
+``row_tokens`` that needs the fewest slots (:func:`polar_scaling.packing.fit_row_width`),
+instead of being padded to the longest; so a packed micro-batch never holds more padding
+than the padded one, and the loss is the same up to float rounding, since attention stays
+inside each sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 
 from polar_scaling.errors import StageError
 from polar_scaling.losses import bradley_terry_loss, pair_metrics, pair_scores, per_pair_loss
+from polar_scaling.packing import PackedBatch, pack_pairs
 
 
 @dataclass
@@ -46,23 +54,73 @@ def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def collate_pairs(data: PairData, index: np.ndarray, pad_id: int, swap: np.ndarray | None = None):
-    """One forward-pass batch for pairs ``index``; ``swap[i]`` exchanges pair i's sides."""
+def collate_pairs(data: PairData, index: np.ndarray, pad_id: int, swap: np.ndarray | None = None,
+                  row_tokens: int | None = None):
+    """One forward-pass batch for pairs ``index``; ``swap[i]`` exchanges pair i's sides.
+
+    Padded (``{"input_ids", "attention_mask"}``, rows ``[chosen..., rejected...]``), or with
+    ``row_tokens`` a :class:`~polar_scaling.packing.PackedBatch` whose scores come out in
+    the same order.
+    """
     chosen = [data.chosen[i] for i in index]
     rejected = [data.rejected[i] for i in index]
     if swap is not None:
         for j, i in enumerate(index):
             if swap[i]:
                 chosen[j], rejected[j] = rejected[j], chosen[j]
+    if row_tokens:
+        return pack_pairs(chosen, rejected, row_tokens, pad_id, fit_width=True)
     ids, mask = pad_right(chosen + rejected, pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def pair_loss(model, batch) -> tuple[torch.Tensor, dict]:
+def score_batch(model, batch, attention: str = "sdpa") -> torch.Tensor:
+    """Scores of a padded batch or a PackedBatch, in its ``[chosen..., rejected...]`` order.
+
+    ``attention`` is the model's kernel: kernels that only separate sequences in a single
+    row get the rows flattened (:func:`polar_scaling.packed_attention.packed_inputs`).
+    """
+    from polar_scaling.packed_attention import packed_inputs
+
     device = next(model.parameters()).device
-    scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    chosen, rejected = pair_scores(scores)
+    if isinstance(batch, PackedBatch):
+        return model(**packed_inputs(batch.to(device), attention))
+    return model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+
+def pair_loss(model, batch, attention: str = "sdpa") -> tuple[torch.Tensor, dict]:
+    """Bradley-Terry loss and metrics of one micro-batch (padded or packed)."""
+    chosen, rejected = pair_scores(score_batch(model, batch, attention))
     return bradley_terry_loss(chosen, rejected), pair_metrics(chosen, rejected)
+
+
+def batch_slots(batch) -> tuple[int, int]:
+    """(real tokens, token slots) of a padded batch or a PackedBatch."""
+    if isinstance(batch, PackedBatch):
+        return batch.real_tokens, batch.slots
+    return int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+
+
+def resolve_row_tokens(row_tokens: int, sets: dict[str, PairData]) -> int:
+    """The packed row width: ``row_tokens``, or for 0 the smallest power of two that holds
+    the longest sequence of ``sets`` (name -> pairs). A sequence longer than an explicit
+    ``row_tokens`` is a StageError naming the longest such sequence (set, side, index)."""
+    longest = max((len(s) for d in sets.values() for side in (d.chosen, d.rejected)
+                   for s in side), default=1)
+    fit = 1 << max(0, math.ceil(math.log2(longest)))
+    if row_tokens == 0:
+        return fit
+    too_long = [(len(s), name, side, i) for name, d in sets.items()
+                for side, seqs in (("chosen", d.chosen), ("rejected", d.rejected))
+                for i, s in enumerate(seqs) if len(s) > row_tokens]
+    if too_long:
+        n, name, side, i = max(too_long, key=lambda t: t[0])
+        raise StageError(
+            f"batch.row_tokens={row_tokens} is shorter than {side} sequence {i} of the {name} "
+            f"pairs ({n} tokens; {len(too_long)} sequences do not fit); raise "
+            f"batch.row_tokens, or set it to 0 for the smallest power of two that holds "
+            f"every sequence ({fit} here)")
+    return row_tokens
 
 
 class PairStepSource:
@@ -71,15 +129,20 @@ class PairStepSource:
     ``num_steps`` is the smallest number of whole steps whose tokens (or FLOPs) reach the
     budget; a budget that would need more pairs than ``data`` holds is an error, since
     repeating data would bend a scaling curve.
+
+    ``row_tokens`` packs each micro-batch into rows of that width (see the module
+    docstring); the steps, their pairs and their micro-batches are those of the padded
+    source.
     """
 
     def __init__(self, data: PairData, batch_size: int, micro: int, world: int, pad_id: int,
                  flops_fn, budget_tokens: float | None = None, budget_flops: float | None = None,
-                 seed: int = 0, bucket_steps: int = 16, swap: np.ndarray | None = None):
+                 seed: int = 0, bucket_steps: int = 16, swap: np.ndarray | None = None,
+                 row_tokens: int | None = None):
         if batch_size % (micro * world):
             raise StageError(f"batch.size {batch_size} is not a multiple of batch.micro {micro} "
                              f"x world size {world}")
-        self.data, self.pad_id, self.swap = data, pad_id, swap
+        self.data, self.pad_id, self.swap, self.row_tokens = data, pad_id, swap, row_tokens
         self.batch_size, self.micro_batch = batch_size, micro
         self.grad_accum = batch_size // (micro * world)
         n_steps_max = len(data) // batch_size
@@ -114,7 +177,8 @@ class PairStepSource:
         index = self._step_index(step)
         per_rank = len(index) // world
         mine = index[rank * per_rank:(rank + 1) * per_rank]
-        return [collate_pairs(self.data, mine[i:i + self.micro_batch], self.pad_id, self.swap)
+        return [collate_pairs(self.data, mine[i:i + self.micro_batch], self.pad_id, self.swap,
+                              self.row_tokens)
                 for i in range(0, len(mine), self.micro_batch)]
 
     def step_tokens(self, step: int) -> int:
@@ -124,13 +188,14 @@ class PairStepSource:
         return float(self._flops[step])
 
     def pad_share(self, steps: int | None = None) -> float:
-        """Share of padding in the padded micro-batches of the first ``steps`` steps."""
-        real = padded = 0
+        """Share of padding in the micro-batches (padded or packed) of the first ``steps``
+        steps: 1 - real tokens / token slots."""
+        real = slots = 0
         for step in range(steps or self.num_steps):
             for mb in self.micro_batches(step, 0, 1):
-                real += int(mb["attention_mask"].sum())
-                padded += mb["attention_mask"].numel()
-        return 1.0 - real / padded
+                r, n = batch_slots(mb)
+                real, slots = real + r, slots + n
+        return 1.0 - real / slots
 
 
 def _bucketed_order(tokens: np.ndarray, batch_size: int, bucket_steps: int, seed: int) -> np.ndarray:
@@ -151,10 +216,12 @@ def _bucketed_order(tokens: np.ndarray, batch_size: int, bucket_steps: int, seed
 
 @torch.no_grad()
 def evaluate_pairs(model, data: PairData, pad_id: int, batch: int = 64,
-                   bins: np.ndarray | None = None) -> dict:
+                   bins: np.ndarray | None = None, row_tokens: int | None = None,
+                   attention: str = "sdpa") -> dict:
     """Mean BT loss and accuracy over all pairs (split across ranks, summed with all-reduce).
 
     ``bins[i]`` (optional int labels) adds per-bin accuracy as ``acc_bin{k}`` / ``n_bin{k}``.
+    ``row_tokens`` packs each pass of ``batch`` pairs into rows for kernel ``attention``.
     """
     import torch.distributed as dist
 
@@ -176,8 +243,8 @@ def evaluate_pairs(model, data: PairData, pad_id: int, batch: int = 64,
             part, weight = index[:1], 0.0  # a dummy pass keeps ranks in step
         else:
             weight = 1.0
-        b = collate_pairs(data, part, pad_id)
-        scores = model(b["input_ids"].to(device), b["attention_mask"].to(device)).double().cpu()
+        b = collate_pairs(data, part, pad_id, row_tokens=row_tokens)
+        scores = score_batch(model, b, attention).double().cpu()
         chosen, rejected = pair_scores(scores)
         correct = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
         sums[0] += weight * per_pair_loss(chosen, rejected).sum()

@@ -24,7 +24,7 @@ from polar_scaling.config import ConfigError, check, load_config, to_dict
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
-from polar_scaling.stage_args import BatchArgs, BudgetArgs, ModelArgs
+from polar_scaling.stage_args import BatchArgs, BatchLayout, BudgetArgs, ModelArgs
 from polar_scaling.trainer import ScheduleArgs
 
 
@@ -71,7 +71,7 @@ def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
 def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
     from polar_scaling.data import TripletSource, load_kl
     from polar_scaling.dist_env import init_distributed
-    from polar_scaling.pairs import PairStepSource, evaluate_pairs, pair_loss
+    from polar_scaling.pairs import PairStepSource, evaluate_pairs
     from polar_scaling.sizes import train_flops
     from polar_scaling.template import TemplateIds
     from polar_scaling.tokenizer import load_tokenizer
@@ -94,11 +94,6 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
     swap = None
     if args.control == "shuffled":
         swap = np.random.default_rng(args.seed + 1).random(len(train_pairs)) < 0.5
-    source = PairStepSource(
-        train_pairs, args.batch.size, micro, world, tokenizer.pad_token_id,
-        flops_fn=lambda lens: train_flops(size, lens, head="reward"),
-        budget_tokens=args.budget.tokens, budget_flops=args.budget.flops,
-        seed=args.seed, bucket_steps=args.data.bucket_steps, swap=swap)
 
     kl = load_kl(data_dir)
     evals = {}
@@ -114,6 +109,15 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
     evals = {prefix: (pairs, np.clip(np.searchsorted(edges, pair_kl, side="right") - 1, 0,
                                      len(edges) - 2))
              for prefix, (pairs, pair_kl) in evals.items()}
+    layout = BatchLayout.resolve(args.batch, args.model.attention,
+                                 {"training": train_pairs, **{k: p for k, (p, _) in evals.items()}})
+    layout.apply(model)
+    source = PairStepSource(
+        train_pairs, args.batch.size, micro, world, tokenizer.pad_token_id,
+        flops_fn=lambda lens: train_flops(size, lens, head="reward"),
+        budget_tokens=args.budget.tokens, budget_flops=args.budget.flops,
+        seed=args.seed, bucket_steps=args.data.bucket_steps, swap=swap,
+        row_tokens=layout.row_tokens)
     final_step = source.num_steps
     def evaluate(module):
         """Held-out loss and accuracy; accuracy by bins of true policy KL goes to
@@ -122,7 +126,8 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
 
         row, by_kl = {}, {}
         for prefix, (pairs, bins) in evals.items():
-            res = evaluate_pairs(module, pairs, tokenizer.pad_token_id, bins=bins)
+            res = evaluate_pairs(module, pairs, tokenizer.pad_token_id, bins=bins,
+                                 **layout.eval_kwargs())
             row[f"{prefix}_loss"], row[f"{prefix}_accuracy"] = res["loss"], res["accuracy"]
             by_kl[prefix] = [{"kl_lo": float(edges[k]), "kl_hi": float(edges[k + 1]),
                               "accuracy": res[f"acc_bin{k}"], "n": res[f"n_bin{k}"]}
@@ -143,9 +148,10 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
 
     extra = {"size": args.model.size, "params": total_params(size),
              "non_embedding_params": non_embedding_params(size), "base": args.model.base,
-             "pad_share_first_steps": round(source.pad_share(min(20, final_step)), 4)}
-    return train(run, model, args.engine, args.optim, args.schedule, source, pair_loss, evaluate,
-                 export=export, summary_extra=extra)
+             "pad_share_first_steps": round(source.pad_share(min(20, final_step)), 4),
+             **layout.summary()}
+    return train(run, model, args.engine, args.optim, args.schedule, source, layout.loss_fn(),
+                 evaluate, export=export, summary_extra=extra)
 
 
 def build_reward_model(margs: ModelArgs, tokenizer):

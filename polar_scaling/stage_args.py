@@ -1,10 +1,16 @@
-"""Config pieces shared by the training stages (model choice, budget, batch)."""
+"""Config pieces shared by the training stages (model choice, budget, batch), and how the
+batch layout (padded or packed) and the attention kernel are resolved from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from polar_scaling.config import check
+from polar_scaling.errors import StageError
+
+# Attention kernels a stage may name (packed_attention.py says what each does with packed rows).
+Attention = Literal["auto", "sdpa", "eager", "polar_varlen", "flex_attention", "flash_attention_2"]
 
 
 @dataclass
@@ -14,6 +20,8 @@ class ModelArgs:
     # checkpoint); None starts from random weights.
     base: str | None = None
     trust_remote_code: bool = False
+    # auto: packed_attention.best_packed_attention() for packed batches, sdpa for padded ones.
+    attention: Attention = "auto"
 
 
 @dataclass
@@ -32,3 +40,84 @@ class BudgetArgs:
 class BatchArgs:
     size: int = field(default=32, metadata={"ge": 1})  # examples per optimizer step, all ranks
     micro: int | None = field(default=None, metadata={"ge": 1})  # per rank; None: size/world
+    # Pack each micro-batch's sequences into rows of row_tokens instead of padding them to
+    # the longest (a micro-batch still holds the same pairs). auto: on for CUDA, off on CPU.
+    # YAML reads a bare on/off as true/false, so booleans are accepted and normalised.
+    packing: str | bool = "auto"
+    # Packed row width; 0: the smallest power of two that holds the data's longest sequence.
+    row_tokens: int = field(default=0, metadata={"ge": 0})
+
+    def __post_init__(self):
+        if isinstance(self.packing, bool):
+            self.packing = "on" if self.packing else "off"
+        check(self.packing in ("auto", "on", "off"), "packing",
+              f"expected one of ['auto', 'on', 'off'], got {self.packing!r}")
+
+
+@dataclass
+class BatchLayout:
+    """How a pair stage lays out and scores its batches, resolved once at start-up."""
+
+    packed: bool
+    attention: str  # the model's attention kernel
+    row_tokens: int | None  # packed row width; None for padded batches
+
+    @classmethod
+    def resolve(cls, batch: BatchArgs, attention: str, sets: dict,
+                device_type: str | None = None) -> BatchLayout:
+        """The layout for ``batch`` and ``model.attention`` on this machine (or
+        ``device_type``); ``sets`` (name -> PairData, every set the stage scores) fix
+        ``row_tokens`` when it is 0 and are checked against an explicit one."""
+        import torch
+
+        from polar_scaling.pairs import resolve_row_tokens
+
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        packed, impl = resolve_layout(batch, attention, device_type)
+        row_tokens = resolve_row_tokens(batch.row_tokens, sets) if packed else None
+        return cls(packed, impl, row_tokens)
+
+    def apply(self, model) -> None:
+        """Switch ``model`` to this layout's attention kernel (if it is not already on it)."""
+        from polar_scaling.packed_attention import use_attention
+
+        if getattr(model.config, "_attn_implementation", None) != self.attention:
+            use_attention(model, self.attention)
+
+    def loss_fn(self):
+        """The trainer's loss function: :func:`polar_scaling.pairs.pair_loss` on this kernel."""
+        import functools
+
+        from polar_scaling.pairs import pair_loss
+
+        return functools.partial(pair_loss, attention=self.attention)
+
+    def eval_kwargs(self) -> dict:
+        """Keyword arguments of :func:`polar_scaling.pairs.evaluate_pairs` for this layout."""
+        return {"row_tokens": self.row_tokens, "attention": self.attention}
+
+    def summary(self) -> dict:
+        return {"packing": self.packed, "attention": self.attention, "row_tokens": self.row_tokens}
+
+
+def resolve_layout(batch: BatchArgs, attention: str, device_type: str) -> tuple[bool, str]:
+    """``(packed, kernel)`` for these args on a ``device_type`` ("cuda" or "cpu") device.
+
+    Raises StageError for a kernel that cannot run the resolved layout here.
+    """
+    from polar_scaling.packed_attention import VARLEN, best_packed_attention
+
+    packed = batch.packing == "on" or (batch.packing == "auto" and device_type == "cuda")
+    if attention == "auto":
+        return packed, best_packed_attention(device_type) if packed else "sdpa"
+    if attention == VARLEN and not packed:
+        raise StageError(f"model.attention={VARLEN} reads packed rows only, but batch.packing "
+                         f"is {batch.packing} (off on {device_type}); set batch.packing=on or "
+                         f"choose another kernel")
+    if attention == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise StageError("model.attention=flash_attention_2 needs the flash-attn package, "
+                             "which is not installed here; choose polar_varlen or auto")
+    return packed, attention

@@ -68,3 +68,132 @@ def test_budgets_beyond_the_data_or_below_a_step_are_errors():
         source(make_pairs(), budget_tokens=1)
     with pytest.raises(StageError, match="not a multiple"):
         source(make_pairs(), batch_size=10)
+
+
+# ------------------------------------------------------------------------------- packing
+
+
+def unpack(batch):
+    """The sequences of a PackedBatch, in its score order."""
+    flat = batch.input_ids.reshape(-1)
+    return [flat[int(e) - int(n) + 1:int(e) + 1].tolist()
+            for e, n in zip(batch.score_index, batch.seq_lens, strict=True)]
+
+
+def unpad(batch):
+    return [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"],
+                                                           batch["attention_mask"], strict=True)]
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_packed_micro_batches_hold_the_padded_sequences(swap):
+    data = make_pairs()
+    flips = np.random.default_rng(1).random(len(data)) < 0.5 if swap else None
+    padded = source(data, world=2, swap=flips)
+    packed = source(data, world=2, swap=flips, row_tokens=512)
+    assert packed.num_steps == padded.num_steps and packed.grad_accum == padded.grad_accum
+    for step in range(padded.num_steps):
+        assert packed.step_tokens(step) == padded.step_tokens(step)
+        assert packed.step_flops(step) == padded.step_flops(step)
+        for rank in (0, 1):
+            a, b = padded.micro_batches(step, rank, 2), packed.micro_batches(step, rank, 2)
+            assert len(a) == len(b) == 2
+            for pad_mb, pack_mb in zip(a, b, strict=True):
+                assert unpack(pack_mb) == unpad(pad_mb)
+                assert pack_mb.input_ids.shape[1] <= 512
+                assert pack_mb.slots <= pad_mb["attention_mask"].numel()
+
+
+def test_packing_pads_less_than_bucketing_on_mixed_lengths():
+    data = make_pairs()  # 5 to 200 tokens
+    for micro in (4, 16):
+        plain = source(data, micro=micro, bucket_steps=1).pad_share(8)
+        bucketed = source(data, micro=micro, bucket_steps=16).pad_share(8)
+        packed = source(data, micro=micro, bucket_steps=1, row_tokens=256).pad_share(8)
+        packed_bucketed = source(data, micro=micro, bucket_steps=16, row_tokens=256).pad_share(8)
+        assert packed < 0.5 * plain and packed_bucketed < bucketed, micro
+        assert packed_bucketed < 0.05 and packed < 0.12, micro
+
+
+def test_fit_row_width_never_needs_more_slots_than_padding():
+    from polar_scaling.packing import first_fit_decreasing, fit_row_width
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lens = rng.integers(1, 60, size=rng.integers(1, 20)).tolist()
+        width = fit_row_width(lens, 64)
+        rows = len(first_fit_decreasing(lens, width))
+        assert max(lens) <= width <= 64
+        assert rows * width <= len(lens) * max(lens)
+        assert rows * width <= len(first_fit_decreasing(lens, 64)) * 64
+    assert fit_row_width([3, 3, 3, 2], 64) == 11  # one row, cut to its contents
+    assert fit_row_width([3, 3, 3, 3], 64) == 3  # a tie: the narrower rows
+    assert fit_row_width([50, 49, 48], 64) == 50  # one sequence a row, cut to the longest
+
+
+def test_row_tokens_default_and_too_short_rows():
+    from polar_scaling.pairs import resolve_row_tokens
+
+    data = make_pairs()  # longest: a rejected sequence of 200 tokens
+    assert resolve_row_tokens(0, {"training": data}) == 256
+    assert resolve_row_tokens(300, {"training": data}) == 300
+    longest = max(range(len(data)), key=lambda i: len(data.rejected[i]))
+    with pytest.raises(StageError, match=rf"batch.row_tokens=128 is shorter than rejected "
+                                         rf"sequence {longest} of the training pairs \(200 "
+                                         rf"tokens; \d+ sequences do not fit\).*\(256 here\)"):
+        resolve_row_tokens(128, {"training": data})
+    short = PairData([np.ones(4)], [np.ones(3)])
+    with pytest.raises(StageError, match="chosen sequence 0 of the eval pairs"):
+        resolve_row_tokens(3, {"training": PairData([np.ones(2)], [np.ones(2)]), "eval": short})
+
+
+def test_layout_resolution():
+    from polar_scaling.config import ConfigError, load_config
+    from polar_scaling.stage_args import BatchArgs, ModelArgs, resolve_layout
+
+    def batch(*o):
+        return load_config(BatchArgs, None, list(o))
+
+    assert resolve_layout(batch(), "auto", "cpu") == (False, "sdpa")
+    assert resolve_layout(batch("packing=on"), "auto", "cpu") == (True, "sdpa")
+    assert resolve_layout(batch("packing=off"), "auto", "cuda") == (False, "sdpa")
+    packed, impl = resolve_layout(batch(), "auto", "cuda")
+    assert packed and impl in ("flash_attention_2", "flex_attention")
+    assert resolve_layout(batch("packing=on"), "polar_varlen", "cpu") == (True, "polar_varlen")
+    with pytest.raises(StageError, match="model.attention=polar_varlen reads packed rows only"):
+        resolve_layout(batch(), "polar_varlen", "cpu")
+    from polar_scaling.pretrain import PretrainArgs
+
+    with pytest.raises(ConfigError, match="batch.packing: expected one of"):
+        load_config(PretrainArgs, None, ["batch.packing=sometimes"])
+    with pytest.raises(ConfigError, match="model.attention: expected one of"):
+        load_config(PretrainArgs, None, ["model.attention=flash_attention_9"])
+    assert load_config(ModelArgs, None, ["attention=eager"]).attention == "eager"
+    with pytest.raises(ConfigError, match="row_tokens: expected a value >= 0"):
+        batch("row_tokens=-1")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "polar_varlen"])
+def test_packed_evaluation_equals_padded(attention, one_thread):
+    import torch
+
+    from polar_scaling.model import RewardModel
+    from polar_scaling.packed_attention import use_attention
+    from polar_scaling.pairs import evaluate_pairs
+    from polar_scaling.sizes import get_size, hf_config
+
+    torch.manual_seed(0)
+    model = RewardModel.from_config(hf_config(get_size("t12k").with_vocab(32), pad_token_id=0))
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # spread scores: a leak would show
+    rng = np.random.default_rng(0)
+    data = PairData([rng.integers(1, 32, rng.integers(2, 40)) for _ in range(20)],
+                    [rng.integers(1, 32, rng.integers(2, 40)) for _ in range(20)])
+    bins = np.arange(20) % 3
+    padded = evaluate_pairs(model, data, 0, batch=8, bins=bins)
+    use_attention(model, attention)
+    packed = evaluate_pairs(model, data, 0, batch=8, bins=bins, row_tokens=64,
+                            attention=attention)
+    use_attention(model, "sdpa")
+    assert 0.2 < padded["accuracy"] < 0.8 and padded.keys() == packed.keys()
+    for k in padded:
+        assert packed[k] == pytest.approx(padded[k], abs=1e-5), k
