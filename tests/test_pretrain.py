@@ -82,9 +82,11 @@ def test_pretrain_writes_run_directory_and_metrics(tiny_dataset, tmp_path):
     assert model.meta["reward_token_id"] == 4 and model.meta["stage"] == "pretrain"
 
 
-@pytest.mark.parametrize("world,zero", [(1, 0), (2, 2)])
-def test_pretrain_resume_after_sigkill_is_exact(tiny_dataset, tmp_path, world, zero):
-    args = rm_args(tiny_dataset, f"engine.zero_stage={zero}")
+@pytest.mark.parametrize("world,zero,packing", [(1, 0, "off"), (2, 2, "off"), (1, 0, "on")])
+def test_pretrain_resume_after_sigkill_is_exact(tiny_dataset, tmp_path, world, zero, packing):
+    args = rm_args(tiny_dataset, f"engine.zero_stage={zero}", f"batch.packing={packing}")
+    if packing == "on":
+        args.append("model.attention=polar_varlen")
     ref = tmp_path / "ref"
     code, out = finish(polar_train("pretrain", ref, *args, world=world))
     assert code == 0, out
@@ -101,6 +103,51 @@ def test_pretrain_resume_after_sigkill_is_exact(tiny_dataset, tmp_path, world, z
             assert a[k] == pytest.approx(b[k], abs=1e-6, rel=0), (a["step"], k)
 
 
+def assert_same_run(a, b, tol=1e-5):
+    """Two run directories hold the same metrics and final weights, to ``tol``."""
+    from safetensors.torch import load_file
+
+    rows_a, rows_b = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert len(rows_a) == len(rows_b) and any("train_loss" in r for r in rows_a)
+    for x, y in zip(rows_a, rows_b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], abs=tol, rel=0), (x["step"], k)
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() < tol, k
+
+
+# A few steps. Adam's first update is lr * g / (|g| + eps): on the few weights whose gradient
+# is near eps it magnifies float rounding (packing sums in another order), so lr is moderate.
+PACKING_CHECK = ("budget.tokens=600", "optim.lr=5e-4")
+
+
+@pytest.fixture(scope="module")
+def padded_run(tiny_dataset, tmp_path_factory):
+    from polar_scaling.pretrain import run
+
+    path = tmp_path_factory.mktemp("padded") / "run"
+    run(None, rm_args(tiny_dataset, *PACKING_CHECK, "batch.packing=off"), path)
+    return path
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "polar_varlen"])
+def test_packed_steps_equal_padded_steps(tiny_dataset, padded_run, tmp_path, attention,
+                                         one_thread):
+    from polar_scaling.pretrain import run
+
+    done = run(None, rm_args(tiny_dataset, *PACKING_CHECK, "batch.packing=on",
+                             f"model.attention={attention}"), tmp_path / "packed")
+    padded = json.loads((padded_run / "done.json").read_text())
+    assert done["packing"] and done["attention"] == attention and done["row_tokens"] == 32
+    assert not padded["packing"] and padded["row_tokens"] is None
+    assert done["steps"] == padded["steps"] >= 2
+    assert done["pad_share_first_steps"] <= padded["pad_share_first_steps"]
+    assert_same_run(padded_run, tmp_path / "packed")
+
+
 def test_bad_inputs_are_clear_errors(tiny_dataset, tmp_path):
     cases = [
         (["model.size=t9000"], "unknown model size 't9000'"),
@@ -109,6 +156,9 @@ def test_bad_inputs_are_clear_errors(tiny_dataset, tmp_path):
         ([f"data.dir={tmp_path / 'missing'}"], "not a trajectory dataset"),
         (["optim.lr=-1"], "optim.lr: expected a value > 0"),
         (["bogus=1"], "bogus: unknown key"),
+        (["batch.packing=on", "batch.row_tokens=8"], "batch.row_tokens=8 is shorter than"),
+        (["model.attention=flash"], "model.attention: expected one of ['auto', 'sdpa'"),
+        (["batch.packing=off", "model.attention=polar_varlen"], "reads packed rows only"),
     ]
     for i, (extra, message) in enumerate(cases):
         args = rm_args(tiny_dataset) + extra
