@@ -39,7 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an optional YAML config, then dotted overrides")
         p.add_argument("--run-dir", required=True, type=Path,
                        help="directory holding all of the run's state; relaunching it resumes")
+        if name == "generate":
+            p.add_argument("--part", type=parse_part, metavar="I/N",
+                           help="write only part I of N (shards I, I+N, ...) and its record")
+            p.add_argument("--finalize", type=int, metavar="N",
+                           help="check the shards of the N parts and write the manifest")
     return parser
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"part {text} is out of range: expected I/N with "
+                                         f"0 <= I < N")
+    return i, n
+
+
+def stage_options(args: argparse.Namespace) -> dict:
+    """The stage-specific flags of a parsed command line, as keyword arguments of its run()."""
+    options = {"part": getattr(args, "part", None), "finalize": getattr(args, "finalize", None)}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def split_config_args(args: list[str]) -> tuple[Path | None, list[str]]:
@@ -55,18 +78,20 @@ def split_config_args(args: list[str]) -> tuple[Path | None, list[str]]:
     return config, overrides
 
 
-def run_stage(stage: str, config: Path | None, overrides: list[str], run_dir: Path) -> dict:
-    """Run one stage in this process (also the entry point the sweep launcher calls)."""
+def run_stage(stage: str, config: Path | None, overrides: list[str], run_dir: Path,
+              **options) -> dict:
+    """Run one stage in this process (also the entry point the sweep launcher calls);
+    ``options``: the stage's own flags (generate: ``part``, ``finalize``)."""
     module_name = STAGES[stage][0]
     module = importlib.import_module(module_name)
-    return module.run(config, overrides, Path(run_dir))
+    return module.run(config, overrides, Path(run_dir), **options)
 
 
 def train_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config, overrides = split_config_args(args.args)
-        summary = run_stage(args.stage, config, overrides, args.run_dir)
+        summary = run_stage(args.stage, config, overrides, args.run_dir, **stage_options(args))
     except Preempted as e:
         print(f"polar-train {args.stage}: {e}; relaunch the same --run-dir to resume",
               file=sys.stderr)

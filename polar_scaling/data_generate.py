@@ -11,6 +11,15 @@ Resume: a shard is written to ``*.tmp``, renamed, then recorded with its sha256 
 mismatch is an error naming the shard; nothing is deleted), drops leftover ``*.tmp`` files and
 rewrites shards that were renamed but not yet recorded. Finally the pool's true KL matrix is
 estimated on held-out prompts (``kl.parquet``).
+
+Parts (``--part I/N``, then ``--finalize N``): the same dataset written by N processes or
+Slurm jobs. Part I writes shards I, I+N, I+2N, ... (round robin, so the costlier held-out
+splits spread over the parts) into the same directory and records them, with their sha256, in
+``parts/part-IIIII-of-NNNNN.json``; a part that is run again keeps the shards it (or any
+earlier run) recorded and that still verify. ``--finalize N`` checks every shard against the
+part records (a missing or corrupt one is an error naming its part; nothing is written or
+deleted), then writes the tokenizer, the KL table and ``manifest.json``, the same manifest a
+single process writes (the shards' ``seconds`` aside).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from polar_scaling.rundir import RunDir, RunDirError
 from polar_scaling.world import CORPUS_ID, WorldConfig, derive_seed, pool_specs
 
 RUNTIME_KEYS = ("workers", "progress")  # may change between restarts: no effect on content
+PARTS = "parts"  # part records of a dataset written in parts (--part I/N)
 
 
 @dataclass
@@ -157,28 +167,36 @@ def prompts_needed(tokens_budget: float, args: GenerateArgs, wrapper: str = "sft
     return int(np.ceil(triplets / per_prompt))
 
 
-def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
+def run(config_path: Path | None, overrides: list[str], run_dir: Path,
+        part: tuple[int, int] | None = None, finalize: int | None = None) -> dict:
+    """The stage: the whole dataset, or part ``part = (I, N)`` of it, or (``finalize = N``)
+    the manifest of a dataset whose N parts are written."""
     args = load_config(GenerateArgs, config_path, overrides)
+    if part is not None and finalize is not None:
+        raise StageError("give either --part or --finalize, not both")
+    if part is not None:
+        return generate_part(args, Path(run_dir), *part)
+    if finalize is not None:
+        return finalize_parts(args, Path(run_dir), finalize)
     return generate(args, Path(run_dir))
 
 
 def generate(args: GenerateArgs, run_dir: Path) -> dict:
     """Write (or finish) the dataset of ``args`` in ``run_dir``; returns the summary."""
-    from polar_scaling.pool import Runtime
-
-    runtime = Runtime(args)  # validates the pool and prompts before anything is written
-    try:
-        rd = RunDir(run_dir)
-        rd.init(identity(args), "generate")
-    except RunDirError as e:
-        raise StageError(str(e)) from None
+    runtime, rd = _open(args, run_dir)
     if (run_dir / MANIFEST).is_file():
         manifest = read_manifest(run_dir)
-        for shard in manifest["shards"]:
-            if shard["status"] == "done":
+        plan = plan_shards(args)
+        for i, shard in enumerate(manifest["shards"]):
+            if shard["status"] == "done" and (run_dir / shard["file"]).is_file():
                 verify_shard(run_dir, shard)
+            elif shard["status"] == "done":  # recorded, then deleted: it is written again
+                manifest["shards"][i] = plan[i]
     else:
         manifest = new_manifest(args, runtime)
+    for index, entry in _part_records(run_dir).items():  # shards parts of this dataset wrote
+        if manifest["shards"][index]["status"] != "done" and _verified(run_dir, entry):
+            manifest["shards"][index] = entry
     (run_dir / "shards").mkdir(exist_ok=True)
     for tmp in (run_dir / "shards").glob("*.tmp"):
         tmp.unlink()  # a shard being written when the last run stopped; it is rewritten
@@ -188,7 +206,12 @@ def generate(args: GenerateArgs, run_dir: Path) -> dict:
 
     started = time.perf_counter()
     todo = [s for s in manifest["shards"] if s["status"] != "done"]
-    made = _generate_shards(args, runtime, run_dir, manifest, todo)
+
+    def save(entry):
+        manifest["shards"][entry["index"]] = entry
+        write_json_atomic(run_dir / MANIFEST, manifest)
+
+    made = _generate_shards(args, runtime, run_dir, todo, save)
     if args.kl.enabled and not manifest.get("kl"):
         manifest["kl"] = _write_kl(args, runtime, run_dir)
     manifest["complete"] = True
@@ -196,6 +219,174 @@ def generate(args: GenerateArgs, run_dir: Path) -> dict:
     summary = summarize(manifest, made, time.perf_counter() - started)
     rd.mark_done(summary)
     return summary
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def part_shards(shards: list[dict], part: int, parts: int) -> list[dict]:
+    """The shards part ``part`` of ``parts`` writes: every ``parts``-th from ``part``."""
+    return [s for s in shards if s["index"] % parts == part]
+
+
+def part_record(run_dir: Path, part: int, parts: int) -> Path:
+    return Path(run_dir) / PARTS / f"part-{part:05d}-of-{parts:05d}.json"
+
+
+def check_parts(args: GenerateArgs, part: int | None, parts: int) -> list[dict]:
+    """The config's shards, after checking that ``part``/``parts`` can split them."""
+    shards = plan_shards(args)
+    if parts < 1:
+        raise StageError(f"a dataset is written in at least 1 part, got {parts}")
+    if part is not None and not 0 <= part < parts:
+        raise StageError(f"part {part}/{parts} is out of range: parts are numbered 0 to "
+                         f"{parts - 1}")
+    if parts > len(shards):
+        raise StageError(f"{parts} parts for {len(shards)} shard(s): every part needs a shard; "
+                         f"use at most {len(shards)} parts (or a smaller shard_prompts)")
+    return shards
+
+
+def generate_part(args: GenerateArgs, run_dir: Path, part: int, parts: int) -> dict:
+    """Write the shards of part ``part`` of ``parts`` (see the module docstring) and their
+    record; shards already recorded (by this part, another split or a single process) that
+    verify are kept. Returns the part's summary."""
+    shards = check_parts(args, part, parts)
+    runtime, _ = _open(args, run_dir)
+    mine = part_shards(shards, part, parts)
+    known = _part_records(run_dir)
+    if (run_dir / MANIFEST).is_file():
+        known.update({s["index"]: s for s in read_manifest(run_dir)["shards"]
+                      if s["status"] == "done"})
+    entries = {}
+    for shard in mine:
+        entry = known.get(shard["index"])
+        if entry is not None and (run_dir / entry["file"]).is_file():
+            try:
+                entries[shard["index"]] = verify_entry(run_dir, entry)
+            except DatasetError as e:
+                raise StageError(f"part {part}/{parts}: {e}") from None
+    (run_dir / "shards").mkdir(exist_ok=True)
+    (run_dir / PARTS).mkdir(exist_ok=True)
+    todo = [s for s in mine if s["index"] not in entries]
+    for shard in todo:  # only this part's: other parts may be writing theirs right now
+        (run_dir / (shard["file"] + ".tmp")).unlink(missing_ok=True)
+    record = {"format": FORMAT, "part": [part, parts], "config": identity(args),
+              "shards": sorted(entries.values(), key=lambda e: e["index"]), "complete": False}
+    path = part_record(run_dir, part, parts)
+    write_json_atomic(path, record)
+
+    def save(entry):
+        record["shards"] = sorted([*record["shards"], entry], key=lambda e: e["index"])
+        write_json_atomic(path, record)
+
+    started = time.perf_counter()
+    made = _generate_shards(args, runtime, run_dir, todo, save)
+    record["complete"] = True
+    write_json_atomic(path, record)
+    out = summarize({"shards": record["shards"], "policies": runtime.policy_table()}, made,
+                    time.perf_counter() - started)
+    return {"part": f"{part}/{parts}", "record": str(path), **out}
+
+
+def finalize_parts(args: GenerateArgs, run_dir: Path, parts: int) -> dict:
+    """Check every shard of a dataset written in ``parts`` parts and write its manifest (and
+    tokenizer, KL table, done.json). A shard that no part recorded, or whose file is missing or
+    differs from its record, is a StageError naming the part; nothing is then written."""
+    shards = check_parts(args, None, parts)
+    from polar_scaling.pool import Runtime
+
+    runtime = Runtime(args)
+    if not (run_dir / "config.yaml").is_file():
+        raise StageError(f"{run_dir} holds no part of this dataset; write the parts first "
+                         f"(polar-train generate ... --part I/{parts})")
+    _, rd = _open(args, run_dir, runtime)
+    known = _part_records(run_dir)
+    old = read_manifest(run_dir) if (run_dir / MANIFEST).is_file() else {}
+    for s in old.get("shards", []):
+        if s["status"] == "done":
+            known.setdefault(s["index"], s)
+    manifest = new_manifest(args, runtime)
+    problems: dict[int, list[str]] = {}  # part -> what is wrong with its shards
+    for shard in shards:
+        index, part = shard["index"], shard["index"] % parts
+        entry = known.get(index)
+        try:
+            if entry is None:
+                raise DatasetError(f"{run_dir / shard['file']} was never written")
+            manifest["shards"][index] = verify_entry(run_dir, entry)
+        except DatasetError as e:
+            problems.setdefault(part, []).append(str(e))
+    if problems:
+        lines = [f"part {part}/{parts}: {text}" for part, texts in sorted(problems.items())
+                 for text in texts]
+        raise StageError(
+            f"cannot finalize {run_dir}: {len(lines)} shard(s) missing or corrupt:\n  "
+            + "\n  ".join(lines) + f"\nrewrite them with `polar-train generate CONFIG --run-dir "
+            f"{run_dir} --part I/{parts}` for I in {', '.join(map(str, sorted(problems)))} "
+            f"(a corrupt shard: delete it first), then finalize again; nothing was deleted")
+    if not (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
+        runtime.save_tokenizer(run_dir / "tokenizer")
+    started = time.perf_counter()
+    kl = old.get("kl")
+    if args.kl.enabled and not (kl and _verified(run_dir, kl)):
+        kl = _write_kl(args, runtime, run_dir)
+    manifest["kl"] = kl if args.kl.enabled else None
+    manifest["complete"] = True
+    write_json_atomic(run_dir / MANIFEST, manifest)
+    made = {"shards": 0, "trajectories": 0, "seconds": 0.0}
+    summary = summarize(manifest, made, time.perf_counter() - started)
+    summary["parts"] = parts
+    rd.mark_done(summary)
+    return summary
+
+
+def verify_entry(run_dir: Path, entry: dict) -> dict:
+    """``entry`` (a shard or the KL table) if its file's sha256 matches, else DatasetError."""
+    path = Path(run_dir) / entry["file"]
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing")
+    if sha256_file(path) != entry["sha256"]:
+        raise DatasetError(f"{path} is corrupt (its sha256 differs from the one recorded when "
+                           f"it was written)")
+    return entry
+
+
+def _verified(run_dir: Path, entry: dict) -> bool:
+    try:
+        verify_entry(run_dir, entry)
+    except DatasetError:
+        return False
+    return True
+
+
+def _part_records(run_dir: Path) -> dict[int, dict]:
+    """Shard entries recorded by the parts found in ``run_dir/parts`` (not yet verified)."""
+    import json
+
+    out = {}
+    for path in sorted((Path(run_dir) / PARTS).glob("part-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}: unreadable part record ({e})") from None
+        for entry in record.get("shards", []):
+            out.setdefault(entry["index"], entry)
+    return out
+
+
+def _open(args: GenerateArgs, run_dir: Path, runtime=None):
+    """The pool runtime (which validates the pool and prompts) and the initialised run
+    directory; nothing is written when the config is bad."""
+    from polar_scaling.pool import Runtime
+
+    runtime = runtime or Runtime(args)
+    try:
+        rd = RunDir(run_dir)
+        rd.init(identity(args), "generate")
+    except RunDirError as e:
+        raise StageError(str(e)) from None
+    return runtime, rd
 
 
 def new_manifest(args: GenerateArgs, runtime) -> dict:
@@ -297,7 +488,9 @@ def _list_array(seqs: list[list[int]]):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
-def _generate_shards(args, runtime, run_dir: Path, manifest: dict, todo: list[dict]) -> dict:
+def _generate_shards(args, runtime, run_dir: Path, todo: list[dict], save) -> dict:
+    """Write the ``todo`` shards (in ``args.workers`` processes); ``save(entry)`` records
+    each as it is done (in this process)."""
     from tqdm import tqdm
 
     total = sum(runtime.trajectories_in(s) for s in todo)
@@ -309,13 +502,11 @@ def _generate_shards(args, runtime, run_dir: Path, manifest: dict, todo: list[di
     t0 = time.perf_counter()
 
     def record(entry):
-        manifest["shards"][entry["index"]] = entry
-        write_json_atomic(run_dir / MANIFEST, manifest)
+        save(entry)
         made["shards"] += 1
         made["trajectories"] += entry["trajectories"]
         bar.update(entry["trajectories"])
-        bar.set_postfix(shards=f"{sum(s['status'] == 'done' for s in manifest['shards'])}/"
-                               f"{len(manifest['shards'])}")
+        bar.set_postfix(shards=f"{made['shards']}/{len(todo)}")
 
     try:
         if args.workers == 1 or len(todo) == 1:
@@ -359,5 +550,5 @@ def _write_kl(args, runtime, run_dir: Path) -> dict | None:
             "distribution": "full (temperature 1, no top-k/top-p)"}
 
 
-__all__ = ["GenerateArgs", "DatasetError", "generate", "run", "plan_shards", "make_shard",
-           "prompts_needed"]
+__all__ = ["GenerateArgs", "DatasetError", "generate", "generate_part", "finalize_parts", "run",
+           "plan_shards", "part_shards", "make_shard", "prompts_needed"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,13 @@ from tiny_world import TINY_GENERATE, tiny_args
 from polar_scaling.cli import train_main
 from polar_scaling.config import merge
 from polar_scaling.data import TripletSource, read_manifest
-from polar_scaling.data_generate import generate, plan_shards
+from polar_scaling.data_generate import (
+    finalize_parts,
+    generate,
+    generate_part,
+    part_shards,
+    plan_shards,
+)
 from polar_scaling.errors import StageError
 from polar_scaling.tokenizer import content_char
 
@@ -219,3 +226,126 @@ def test_cli_runs_the_stage_and_reports_config_errors(tmp_path, capsys):
     assert train_main(["generate", str(cfg), "world.within_sigma=-1",
                        "--run-dir", str(tmp_path / "x")]) == 2
     assert "world.within_sigma: expected a value >= 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def manifest_without_timing(path: Path) -> dict:
+    """The manifest with the shards' ``seconds`` (wall time of the writer) left out."""
+    m = read_manifest(path)
+    m["shards"] = [{k: v for k, v in s.items() if k != "seconds"} for s in m["shards"]]
+    return m
+
+
+def tree(path: Path, skip=("manifest.json", "done.json")) -> dict[str, bytes]:
+    """Every file but the part records and the files with timings, by relative path."""
+    return {k: v for k, v in snapshot(path).items()
+            if not k.startswith("parts/") and k not in skip}
+
+
+def test_parts_then_finalize_write_what_a_single_process_writes(tiny_dataset, tmp_path,
+                                                                capsys):
+    # 4 shards (train 2, heldout_prompts 1, heldout_policies 1) in 3 parts: {0, 3}, {1}, {2},
+    # written out of order, one of them through the CLI, then finalized.
+    assert [s["index"] for s in part_shards(plan_shards(tiny_args()), 0, 3)] == [0, 3]
+    out = tmp_path / "parts"
+    summary = generate_part(tiny_args(), out, 2, 3)
+    assert summary["part"] == "2/3" and summary["shards_written_now"] == 1
+    assert not (out / "manifest.json").exists() and not (out / "done.json").exists()
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_GENERATE))
+    assert train_main(["generate", str(cfg), "--run-dir", str(out), "--part", "0/3"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_written_now"] == 2
+    generate_part(tiny_args("workers=2"), out, 1, 3)  # a runtime key may differ per part
+    summary = finalize_parts(tiny_args(), out, 3)
+    assert summary["parts"] == 3 and summary["trajectories"] == 2 * 8 * 18 + 6 * 18 + 6 * 27
+    assert tree(out) == tree(tiny_dataset)  # shards, KL table, tokenizer, config: same bytes
+    assert manifest_without_timing(out) == manifest_without_timing(tiny_dataset)
+    assert sorted(p.name for p in (out / "parts").iterdir()) == [
+        f"part-0000{i}-of-00003.json" for i in range(3)]
+    # Finalizing again (a requeued finalize job) rewrites the same manifest.
+    finalize_parts(tiny_args(), out, 3)
+    assert manifest_without_timing(out) == manifest_without_timing(tiny_dataset)
+
+
+def test_a_part_run_again_keeps_its_verified_shards_and_rewrites_lost_ones(tmp_path):
+    out = tmp_path / "d"
+    args = tiny_args("kl.enabled=false")
+    generate_part(args, out, 0, 2)
+    first = read_manifest_like(out / "parts" / "part-00000-of-00002.json")
+    assert first["complete"] and [s["index"] for s in first["shards"]] == [0, 2]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    again = generate_part(args, out, 0, 2)
+    assert again["shards_written_now"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == stamps
+    # A part killed mid-way: one shard lost, one being written (*.tmp); the other part's
+    # in-flight file is not this part's to delete.
+    lost = out / "shards" / "shard-00002.parquet"
+    data = lost.read_bytes()
+    lost.rename(lost.with_name(lost.name + ".tmp"))
+    foreign = out / "shards" / "shard-00001.parquet.tmp"
+    foreign.write_bytes(b"being written by part 1")
+    again = generate_part(args, out, 0, 2)
+    assert again["shards_written_now"] == 1 and lost.read_bytes() == data
+    assert not lost.with_name(lost.name + ".tmp").exists() and foreign.exists()
+    foreign.unlink()
+    # Parts of another split reuse what is recorded; a single process adopts the records too.
+    assert generate_part(args, out, 1, 4)["shards_written_now"] == 1
+    summary = generate(args, out)
+    assert summary["shards_written_now"] == 1  # shard 3 only
+    assert [s["status"] for s in read_manifest(out)["shards"]] == ["done"] * 4
+
+
+def read_manifest_like(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_bad_parts_and_a_finalize_with_a_missing_or_corrupt_part(tmp_path, capsys):
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(yaml.safe_dump(merge(TINY_GENERATE, {"kl": {"enabled": False}})))
+    out = tmp_path / "d"
+
+    def cli(*flags):
+        try:
+            code = train_main(["generate", str(cfg), "--run-dir", str(out), *flags])
+        except SystemExit as e:  # argparse refuses a malformed flag
+            code = e.code
+        return code, capsys.readouterr().err
+
+    for flags, message in ((["--part", "3/3"], "part 3/3 is out of range"),
+                           (["--part=-1/2"], "part -1/2 is out of range"),
+                           (["--part", "two"], "expected I/N"),
+                           (["--part", "0/5"], "5 parts for 4 shard"),
+                           (["--finalize", "0"], "at least 1 part"),
+                           (["--part", "0/2", "--finalize", "2"], "either --part or --finalize"),
+                           (["--finalize", "2"], "holds no part of this dataset")):
+        code, err = cli(*flags)
+        assert code == 2 and message in err, (flags, err)
+        assert not out.exists(), flags
+    assert cli("--part", "0/2")[0] == 0
+    before = snapshot(out)
+    code, err = cli("--finalize", "2")
+    assert code == 2, err
+    assert "2 shard(s) missing or corrupt" in err and "part 1/2: " in err
+    assert "shard-00001.parquet was never written" in err and "part 0/2" not in err
+    assert snapshot(out) == before  # nothing written, nothing deleted
+    assert cli("--part", "1/2")[0] == 0
+    shard = out / "shards" / "shard-00003.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    (out / "shards" / "shard-00000.parquet").unlink()
+    before = snapshot(out)
+    code, err = cli("--finalize", "2")
+    assert code == 2
+    assert re.search(r"part 0/2: \S+shard-00000\.parquet is missing", err), err
+    assert re.search(r"part 1/2: \S+shard-00003\.parquet is corrupt", err), err
+    assert "for I in 0, 1" in err
+    assert snapshot(out) == before
+    # The part whose shard is corrupt refuses to go on, naming it; nothing is deleted.
+    code, err = cli("--part", "1/2")
+    assert code == 2 and re.search(r"part 1/2: \S+shard-00003\.parquet is corrupt", err), err
+    assert snapshot(out) == before
+    shard.unlink()  # as the message says: delete it, write the parts again, finalize
+    assert cli("--part", "1/2")[0] == 0 and cli("--part", "0/2")[0] == 0
+    assert cli("--finalize", "2")[0] == 0
+    assert read_manifest(out)["complete"] and (out / "done.json").is_file()
