@@ -17,30 +17,50 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from polar_scaling.rundir import read_jsonl
+from polar_scaling.rundir import atomic_write, read_jsonl
 
 EVENTS = "sweep_events.jsonl"
 
 
 class RunJob(Checkpointable):
-    """Run ``stage`` on ``run_dir`` with the config in ``run_dir/launch.yaml``."""
+    """Run ``stage`` on ``run_dir`` with the config in ``run_dir/launch.yaml``: the command
+    line ``polar-train STAGE RUN_DIR/launch.yaml --run-dir WORKDIR FLAGS`` in this process.
 
-    def __init__(self, run_id: str, stage: str, run_dir: str, max_requeues: int = 10):
+    ``workdir`` (default ``run_dir``) is where the stage writes when that is not the run's own
+    directory (a part of a dataset writes into the dataset); the run directory then gets the
+    stage's summary as ``done.json`` once it returns.
+    """
+
+    def __init__(self, run_id: str, stage: str, run_dir: str, max_requeues: int = 10,
+                 flags: tuple[str, ...] = (), workdir: str | None = None):
         self.run_id = run_id
         self.stage = stage
         self.run_dir = str(run_dir)
         self.max_requeues = max_requeues
+        self.flags = tuple(flags)
+        self.workdir = workdir
+
+    @property
+    def argv(self) -> list[str]:
+        """The polar-train command line this job runs."""
+        return [self.stage, str(Path(self.run_dir) / "launch.yaml"),
+                "--run-dir", self.workdir or self.run_dir, *self.flags]
 
     def __call__(self) -> dict:
         import polar_scaling
-        from polar_scaling.cli import run_stage
+        from polar_scaling.cli import build_parser, run_stage, split_config_args, stage_options
 
         # "code" shows which copy of the package the job imported (the launch's snapshot).
         self._event("start", restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
                     host=socket.gethostname(), pid=os.getpid(),
-                    code=str(Path(polar_scaling.__file__).parent))
-        run_dir = Path(self.run_dir)
-        return run_stage(self.stage, run_dir / "launch.yaml", [], run_dir)
+                    code=str(Path(polar_scaling.__file__).parent), argv=self.argv)
+        args = build_parser().parse_args(self.argv)
+        config, overrides = split_config_args(args.args)
+        summary = run_stage(args.stage, config, overrides, args.run_dir, **stage_options(args))
+        if self.workdir and Path(self.workdir) != Path(self.run_dir) and _rank() == 0:
+            atomic_write(Path(self.run_dir) / "done.json",
+                         json.dumps(summary, indent=2, default=str))
+        return summary
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission | None:
         """Called by submitit on USR2 (after the loop saved its checkpoint): requeue the same
@@ -62,7 +82,13 @@ class RunJob(Checkpointable):
             f.write(json.dumps(row) + "\n")
 
     def __repr__(self) -> str:
-        return f"RunJob({self.run_id}, {self.stage})"
+        return f"RunJob({self.run_id}, {' '.join(self.argv)})"
+
+
+def run_job(run, run_dir: Path, max_requeues: int) -> RunJob:
+    """The job of ``run`` (a :class:`~polar_scaling.sweep.spec.RunSpec`)."""
+    return RunJob(run.run_id, run.stage, str(run_dir), max_requeues, flags=run.flags,
+                  workdir=run.workdir)
 
 
 def _job_id() -> str | None:

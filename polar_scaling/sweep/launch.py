@@ -32,9 +32,9 @@ from pathlib import Path
 import submitit
 from submitit.slurm.slurm import SlurmExecutor, SlurmJob
 
-from polar_scaling.sweep.job import RunJob
+from polar_scaling.sweep.job import run_job
 from polar_scaling.sweep.render import JobGroup, group_runs, render_script, torch_extensions_dir
-from polar_scaling.sweep.spec import RunSpec, Sweep, resolve_stage_config
+from polar_scaling.sweep.spec import ROLES, RunSpec, Sweep, resolve_stage_config
 from polar_scaling.sweep.store import (
     RunStatus,
     Store,
@@ -167,7 +167,7 @@ def submit_slurm(sweep: Sweep, store: Store, plan: Plan, out) -> dict[str, str]:
     job_of = {rid: st.job_id for rid, st in plan.statuses.items()
               if st.state in ("running", "pending") and st.job_id}
     submitted: dict[str, str] = {}
-    for role in ("data", "base", "run"):
+    for role in ROLES:
         runs = [r for r in plan.submit if r.role == role]
         deps_of = {r.run_id: tuple(job_of[d] for d in r.deps if d in job_of) for r in runs}
         for group in group_runs(runs, deps_of):
@@ -176,8 +176,8 @@ def submit_slurm(sweep: Sweep, store: Store, plan: Plan, out) -> dict[str, str]:
                 return render_script(sweep, group, folder, code, template=_template(sweep))
             ex = TemplateSlurmExecutor(folder, render, group.resources.time_min,
                                        spec.launch.max_timeouts, python=spec.launch.python)
-            calls = [RunJob(r.run_id, r.stage, str(store.run_dir(r.run_id)),
-                            spec.launch.max_requeues) for r in group.runs]
+            calls = [run_job(r, store.run_dir(r.run_id), spec.launch.max_requeues)
+                     for r in group.runs]
             try:
                 jobs = ex.submit_array(calls) if group.is_array else [ex.submit(calls[0])]
             except Exception as e:  # sbatch refused: name the group and show its answer
@@ -206,7 +206,7 @@ def dry_run_scripts(sweep: Sweep, store: Store, plan: Plan) -> list[Path]:
     job_of = {rid: st.job_id for rid, st in plan.statuses.items()
               if st.state in ("running", "pending") and st.job_id}
     paths = []
-    for role in ("data", "base", "run"):
+    for role in ROLES:
         runs = [r for r in plan.submit if r.role == role]
         deps_of = {r.run_id: tuple(job_of[d] for d in r.deps if d in job_of) for r in runs}
         for group in group_runs(runs, deps_of):
@@ -340,8 +340,7 @@ def _start_local(sweep: Sweep, store: Store, run: RunSpec, folder: Path, code: s
                          signal_delay_s=min(spec.launch.signal_delay_s,
                                             run.resources.time_min * 30),
                          setup=setup)
-    job = ex.submit(RunJob(run.run_id, run.stage, str(store.run_dir(run.run_id)),
-                           spec.launch.max_requeues))
+    job = ex.submit(run_job(run, store.run_dir(run.run_id), spec.launch.max_requeues))
     store.add_submission(run.run_id, {"executor": "local", "job_id": job.job_id,
                                       "pid_start": process_start(job.job_id),
                                       "folder": str(folder), **now()})
@@ -369,8 +368,7 @@ def run_debug(sweep: Sweep, store: Store, plan: Plan, out) -> dict[str, str]:
             print(f"{run.run_id}: blocked (a dependency did not finish)", file=out)
             continue
         ex = submitit.DebugExecutor(folder)
-        job = ex.submit(RunJob(run.run_id, run.stage, str(store.run_dir(run.run_id)),
-                               sweep.spec.launch.max_requeues))
+        job = ex.submit(run_job(run, store.run_dir(run.run_id), sweep.spec.launch.max_requeues))
         log = store.run_dir(run.run_id) / "logs" / f"debug-{_stamp()}.err"
         store.add_submission(run.run_id, {"executor": "debug", "job_id": job.job_id,
                                           "log": str(log), **now()})

@@ -69,6 +69,10 @@ def group_runs(runs: list[RunSpec], deps_of: dict[str, tuple[str, ...]]) -> list
     for g in out:
         sizes = sorted({r.size for r in g.runs if r.size})
         base = g.stage if len(sizes) != 1 else f"{g.stage}-{sizes[0]}"
+        if g.role == "data-part":
+            base = f"{g.stage}-parts"
+        elif g.role == "data" and any(r.flags for r in g.runs):
+            base = f"{g.stage}-finalize"
         used[base] = used.get(base, 0) + 1
         g.name = base if used[base] == 1 else f"{base}-{used[base]}"
     return out

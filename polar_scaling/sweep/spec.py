@@ -22,7 +22,7 @@ Schema (every key but ``name`` optional; docs/sweeps.md has the long form)::
       optim.lr: {rule: power, base: 1e-3, exponent: -0.25, ref_params: 1e5}
     resources: {nodes: 1, gpus_per_node: 0, time: 30, partition: .., zero_stage: ..}
     per_size: {7B: {resources: {nodes: 2, gpus_per_node: 8}, config: {...}}}
-    data: {generate: {...}}  or  {dir: PATH}   # a `generate` run every run depends on
+    data: {generate: {...}, jobs: 1}  or  {dir: PATH}   # a `generate` run every run needs
     base: {config: {...}, budget: {tokens_per_param: 20}}   # a base LM per size (`lm` runs)
     launch: {parallelism: 8, max_attempts: 3, max_requeues: 10, signal_delay_s: 120, ...}
     estimate: {seq_len: 256, gpu_flops_per_s: 4e14, cpu_flops_per_s: 5e10}
@@ -40,7 +40,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +56,9 @@ from polar_scaling.rundir import safe_name
 from polar_scaling.sizes import SIZES, ModelSize, flops_per_token, get_size, non_embedding_params
 
 STAGES = ("pretrain", "lm", "finetune", "evaluate", "rft", "generate")
+# Kinds of runs, in dependency order: parts of the dataset, the dataset (or its finalize
+# step), a base LM per size, the grid points.
+ROLES = ("data-part", "data", "base", "run")
 # Stages whose runs train a ladder size: a grid over sizes and budgets applies to them.
 SIZED_STAGES = ("pretrain", "lm", "finetune")
 HEAD_OF_STAGE = {"pretrain": "reward", "finetune": "reward", "lm": "lm"}
@@ -228,6 +231,9 @@ class DataSpec:
 
     dir: str | None = None
     generate: dict[str, Any] | None = None
+    # > 1: the generate run as an array of this many part jobs (at most one per shard), each
+    # writing every jobs-th shard, then a finalize job that checks them and writes the manifest.
+    jobs: int = field(default=1, metadata={"ge": 1})
     resources: Resources = field(default_factory=Resources)
     key: str = "data.dir"  # the config key of the runs (and base LMs) that names the dataset
 
@@ -300,7 +306,8 @@ class RunSpec:
     name: str  # the readable part
     stage: str
     config: dict  # the complete stage config (the run's input; written before submit)
-    role: str  # "run" (a grid point), "data" (the dataset), "base" (a size's base LM)
+    role: str  # one of ROLES: "run" (a grid point), "data" (the dataset), "base" (a size's
+    # base LM), "data-part" (a part of a dataset written by several jobs)
     size: str | None
     n_params: int | None  # non-embedding parameters, N of the scaling law
     seed: int | None
@@ -311,6 +318,8 @@ class RunSpec:
     deps: tuple[str, ...] = ()  # run ids this run needs finished first
     estimate_s: float | None = None
     digest: str = ""  # hash of stage and config (the last part of run_id)
+    flags: tuple[str, ...] = ()  # the stage's own polar-train flags, e.g. ("--part", "0/4")
+    workdir: str | None = None  # the --run-dir the stage writes, if not its own run directory
 
 
 @dataclass
@@ -328,8 +337,7 @@ class Sweep:
 
     def ordered(self) -> list[RunSpec]:
         """Runs in an order where every run comes after its dependencies."""
-        role_rank = {"data": 0, "base": 1, "run": 2}
-        return sorted(self.runs, key=lambda r: role_rank[r.role])
+        return sorted(self.runs, key=lambda r: ROLES.index(r.role))
 
 
 # --------------------------------------------------------------------------- loading
@@ -381,6 +389,15 @@ def expand(spec: SweepFile, root: Path, source: str) -> list[RunSpec]:
             cfg = merge(spec.data.generate, {})
             run = _make_run("generate", "data", "data", cfg, None, None, None, None, res, (),
                             spec, root)
+            parts = _data_parts(spec.data, cfg, source)
+            if parts > 1:  # the same run id: how the dataset is split is not its content
+                prelude += [_make_run("generate", f"data-part{i}of{parts}", "data-part", cfg,
+                                      None, None, None, None, res, (), spec, root,
+                                      flags=("--part", f"{i}/{parts}"),
+                                      workdir=str(runs_dir / run.run_id))
+                            for i in range(parts)]
+                run = replace(run, deps=tuple(r.run_id for r in prelude),
+                              flags=("--finalize", str(parts)))
             prelude.append(run)
             links[spec.data.key] = str(runs_dir / run.run_id)
             deps.append(run.run_id)
@@ -519,10 +536,11 @@ def parse_time(value: str | int | float, source: str, key: str) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def config_hash(stage: str, config: dict, root: Path) -> str:
-    """Hash of a run's stage and config; paths under ``root`` count relative to it, so a moved
-    sweep root keeps its run ids."""
-    text = json.dumps({"stage": stage, "config": config}, sort_keys=True, default=str)
+def config_hash(stage: str, config: dict, root: Path, flags: tuple[str, ...] = ()) -> str:
+    """Hash of a run's stage, config and stage flags; paths under ``root`` count relative to
+    it, so a moved sweep root keeps its run ids."""
+    doc = {"stage": stage, "config": config, **({"flags": list(flags)} if flags else {})}
+    text = json.dumps(doc, sort_keys=True, default=str)
     text = text.replace(str(root), "${ROOT}")
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -538,7 +556,18 @@ def estimate_seq_len(spec: SweepFile) -> float:
     return 512.0
 
 
-def _make_run(stage, name, role, cfg, size, n, seed, budget, res, deps, spec, root, head="reward"):
+def _data_parts(data: DataSpec, cfg: dict, source: str) -> int:
+    """How many part jobs write the dataset: ``data.jobs``, at most one per shard."""
+    if data.jobs == 1:
+        return 1
+    from polar_scaling.data_generate import GenerateArgs, plan_shards
+
+    args = from_dict(GenerateArgs, cfg, source, "data.generate.")
+    return min(data.jobs, len(plan_shards(args)))
+
+
+def _make_run(stage, name, role, cfg, size, n, seed, budget, res, deps, spec, root, head="reward",
+              flags=(), workdir=None):
     tokens = flops = estimate = None
     if size is not None and budget is not None:
         fpt = flops_per_token(_ladder(size, spec.estimate.vocab), estimate_seq_len(spec), head)
@@ -549,10 +578,11 @@ def _make_run(stage, name, role, cfg, size, n, seed, budget, res, deps, spec, ro
                 else spec.estimate.cpu_flops_per_s)
         estimate = flops / rate * (1 + spec.estimate.eval_overhead) + spec.estimate.startup_s
     name = safe_name(name)
-    digest = config_hash(stage, cfg, root)
+    digest = config_hash(stage, cfg, root, flags)
     return RunSpec(run_id=f"{name}-{digest}", digest=digest, name=name, stage=stage, config=cfg, role=role, size=size,
                    n_params=n, seed=seed, budget=budget.label if budget else None, tokens=tokens,
-                   flops=flops, resources=res, deps=tuple(deps), estimate_s=estimate)
+                   flops=flops, resources=res, deps=tuple(deps), estimate_s=estimate,
+                   flags=tuple(flags), workdir=workdir)
 
 
 def _check_grid(spec: SweepFile, sized: bool, source: str) -> None:

@@ -110,7 +110,8 @@ class Store:
         record.update({"run_id": run.run_id, "name": run.name, "stage": run.stage,
                        "role": run.role, "size": run.size, "n_params": run.n_params,
                        "seed": run.seed, "budget": run.budget, "tokens": run.tokens,
-                       "flops": run.flops, "deps": list(run.deps)})
+                       "flops": run.flops, "deps": list(run.deps), "flags": list(run.flags),
+                       "workdir": run.workdir})
         record.setdefault("submissions", [])
         self.write_record(run.run_id, record)
 
@@ -193,6 +194,10 @@ class Store:
         for run in sweep.ordered():
             out[run.run_id] = self._status_of(run, records[run.run_id], latest[run.run_id],
                                               slurm, launcher, probe)
+        for run in sweep.ordered():  # a part of a finished dataset has nothing left to do
+            if run.role == "data-part" and any(out[r.run_id].state == "done" for r in sweep.runs
+                                               if r.role == "data" and run.run_id in r.deps):
+                out[run.run_id].state = "done"
         for run in sweep.ordered():  # a run waiting on a failed dependency will never start
             st = out[run.run_id]
             if st.state in ("new", "pending", "cancelled"):
