@@ -41,14 +41,19 @@ def needs_one_row(impl: str) -> bool:
 def best_packed_attention(device: torch.device | str | None = None) -> str:
     """The fastest kernel here that keeps packed sequences apart.
 
-    CUDA: ``flash_attention_2`` when flash-attn is installed, else ``flex_attention``;
-    CPU: ``sdpa`` (flex attention on CPU compiles through a C++ toolchain and is slower).
+    CUDA: ``flash_attention_2`` when flash-attn is installed, else ``polar_varlen`` when
+    torch has its varlen kernel (3.46x a padded loop on an H100, docs/gpu.md), else
+    ``flex_attention`` (which compiles per row shape: slow to start, and its 1.8B block
+    masks did not compile within 170 s there); CPU: ``sdpa`` (flex attention on CPU
+    compiles through a C++ toolchain and has no backward pass).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         return "sdpa"
     if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+        return VARLEN
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
         return "flex_attention"
     return "sdpa"

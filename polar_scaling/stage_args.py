@@ -114,6 +114,9 @@ def resolve_layout(batch: BatchArgs, attention: str, device_type: str) -> tuple[
         raise StageError(f"model.attention={VARLEN} reads packed rows only, but batch.packing "
                          f"is {batch.packing} (off on {device_type}); set batch.packing=on or "
                          f"choose another kernel")
+    if attention == "flex_attention" and device_type != "cuda":
+        raise StageError("model.attention=flex_attention has no backward pass on CPU in this "
+                         "torch; choose sdpa or polar_varlen here")
     if attention == "flash_attention_2":
         import importlib.util
 

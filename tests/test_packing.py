@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -229,6 +230,8 @@ def test_cpu_device_helpers():
     assert gpu.memory_stats("cpu")["rss_peak_gib"] > 0.05
     assert gpu.total_memory_bytes("cpu") is None
     assert best_packed_attention("cpu") == "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:  # torch 2.13 has the varlen kernel
+        assert best_packed_attention("cuda") == "polar_varlen"
     assert needs_one_row("flash_attention_2") and not needs_one_row("flex_attention")
 
 

@@ -1,3 +1,5 @@
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -158,10 +160,16 @@ def test_layout_resolution():
     assert resolve_layout(batch("packing=on"), "auto", "cpu") == (True, "sdpa")
     assert resolve_layout(batch("packing=off"), "auto", "cuda") == (False, "sdpa")
     packed, impl = resolve_layout(batch(), "auto", "cuda")
-    assert packed and impl in ("flash_attention_2", "flex_attention")
+    assert packed and impl in ("flash_attention_2", "polar_varlen")
     assert resolve_layout(batch("packing=on"), "polar_varlen", "cpu") == (True, "polar_varlen")
     with pytest.raises(StageError, match="model.attention=polar_varlen reads packed rows only"):
         resolve_layout(batch(), "polar_varlen", "cpu")
+    with pytest.raises(StageError, match="flex_attention has no backward pass on CPU"):
+        resolve_layout(batch("packing=on"), "flex_attention", "cpu")
+    assert resolve_layout(batch("packing=on"), "flex_attention", "cuda") == (True, "flex_attention")
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(StageError, match="needs the flash-attn package"):
+            resolve_layout(batch("packing=on"), "flash_attention_2", "cuda")
     from polar_scaling.pretrain import PretrainArgs
 
     with pytest.raises(ConfigError, match="batch.packing: expected one of"):
