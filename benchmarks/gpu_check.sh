@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the packed training path, sized to run once in about 6 minutes on
+# One-shot GPU check for the packed training path, sized to run once in about 8 minutes on
 # one H100/H200 (see docs/gpu.md). Run from the repository root:
 #
 #     bash benchmarks/gpu_check.sh            # results and logs in $OUT (default /tmp/gpu_check)
 #
 # If a .whl/ folder is present, its wheels (deepspeed 0.19.8 and its pure-python
-# dependencies the image lacks) are installed into /tmp/site first. Every step is guarded
+# dependencies the image lacks, liger-kernel) are installed into /tmp/site first. Every step is guarded
 # and time-boxed: a failure prints its error and the script goes on; steps that would not
 # finish inside CHECK_BUDGET_S (default 390 s) are skipped, and say so.
 
@@ -51,7 +51,8 @@ fi
 step versions 60 $PY - <<'EOF'
 import importlib, importlib.util, inspect, platform
 print("python", platform.python_version())
-for name in ["torch", "transformers", "triton", "deepspeed", "flash_attn", "pydantic", "hjson"]:
+for name in ["torch", "transformers", "triton", "deepspeed", "flash_attn", "liger_kernel",
+             "pydantic", "hjson"]:
     try:
         m = importlib.import_module(name)
         print(f"{name:>12} {getattr(m, '__version__', '?')}  {m.__file__}")
@@ -68,22 +69,29 @@ except Exception as e:
 print("flex_attention", importlib.util.find_spec("torch.nn.attention.flex_attention") is not None)
 EOF
 
-# 2. Kernel correctness on packed rows + tiny bf16 DeepSpeed (NCCL, world size 1) smoke ----
-step kernels_smoke 150 $PY benchmarks/packed_kernels.py --json "$OUT/kernels_smoke.json"
+# 2. 1.8B throughput on POLAR-like data (responses up to 4,096 tokens, rows of 16,384).
+#    Ordered by what the figures are needed for; the budget skips the tail.
+M="$PY benchmarks/gpu_mfu.py --size 1.8B --warmup 2 --steps 4 --attn polar_varlen --zero 0"
+# The plain padded loop and our packed path in the same process: the ratio of real tokens/s.
+step mfu_none_nockpt_ga4_both 150 $M --no-ckpt --grad-accum 4 --fused none --mode both \
+    --json "$OUT/mfu_none_nockpt_ga4_both.json"
+step mfu_liger_nockpt_ga4 100 $M --no-ckpt --grad-accum 4 --fused liger --mode packed --profile \
+    --json "$OUT/mfu_liger_nockpt_ga4.json"
+step mfu_compile_nockpt_ga4 170 $M --no-ckpt --grad-accum 4 --fused compile --mode packed \
+    --json "$OUT/mfu_compile_nockpt_ga4.json"
+step mfu_liger_ckpt_ga4 90 $M --ckpt --grad-accum 4 --fused liger --mode packed \
+    --json "$OUT/mfu_liger_ckpt_ga4.json"
+step mfu_none_nockpt_ga1 70 $M --no-ckpt --grad-accum 1 --fused none --mode packed \
+    --json "$OUT/mfu_none_nockpt_ga1.json"
 
-# 3. 1.8B throughput: packed vs padded, kernels, ZeRO, checkpointing -----------------------
-M="$PY benchmarks/gpu_mfu.py --size 1.8B --warmup 2 --steps 4"
-step mfu_flex_z0_ckpt 170 $M --attn flex_attention --zero 0 --ckpt --json "$OUT/mfu_flex_z0_ckpt.json"
-step mfu_varlen_z0_ckpt 80 $M --attn polar_varlen --zero 0 --ckpt --mode packed \
-    --json "$OUT/mfu_varlen_z0_ckpt.json"
-step mfu_sdpa_z0_ckpt 80 $M --attn sdpa --zero 0 --ckpt --mode packed \
-    --json "$OUT/mfu_sdpa_z0_ckpt.json"
-step mfu_flex_z1_ckpt 80 $M --attn flex_attention --zero 1 --ckpt --mode packed \
-    --json "$OUT/mfu_flex_z1_ckpt.json"
-# Without checkpointing a 16,384-token row does not fit 80 GB at 1.8B (docs/gpu.md), so
-# this run uses rows of 8,192 and responses of up to 3,000 tokens: different data.
-step mfu_flex_z0_nockpt_r8k 80 $M --attn flex_attention --zero 0 --no-ckpt --mode packed \
-    --row-tokens 8192 --max-response 3000 --json "$OUT/mfu_flex_z0_nockpt_r8k.json"
+# 3. Kernel correctness on packed bf16 rows + tiny bf16 DeepSpeed (NCCL, world size 1) smoke
+step kernels_smoke 100 $PY benchmarks/packed_kernels.py --kernels sdpa,eager,polar_varlen \
+    --json "$OUT/kernels_smoke.json"
+if [ -f benchmarks/gpu_stage_check.sh ]; then
+    step stage_check 120 bash benchmarks/gpu_stage_check.sh "$OUT/stage_check"
+fi
+step mfu_compile_layers_nockpt_ga4 170 $M --no-ckpt --grad-accum 4 --fused compile_layers \
+    --mode packed --json "$OUT/mfu_compile_layers_nockpt_ga4.json"
 
 # 4. Summary table -----------------------------------------------------------------------
 echo "=== summary (t=$((SECONDS - START))s)"
@@ -91,8 +99,8 @@ cat "$OUT/steps.txt"
 $PY - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print(f"{'run':<24}{'loop':>7}{'kernel':>15}{'real tok/s':>12}{'TFLOP/s':>9}{'MFU':>7}"
-      f"{'pad':>7}{'peak GiB':>9}{'ratio':>7}")
+print(f"{'run':<30}{'loop':>7}{'fused':>15}{'ckpt':>5}{'ga':>3}{'real tok/s':>11}{'TFLOP/s':>8}"
+      f"{'MFU':>7}{'pad':>6}{'GiB':>6}{'step s':>7}{'ratio':>6}")
 for f in sorted(out.glob("mfu_*.json")):
     r = json.loads(f.read_text())
     for loop in ("packed", "padded"):
@@ -102,8 +110,10 @@ for f in sorted(out.glob("mfu_*.json")):
         mfu = f"{x['mfu']:.1%}" if x.get("mfu") is not None else "n/a"
         ratio = f"{r['ratio_real_tokens_per_s']:.2f}" if loop == "packed" and \
             "ratio_real_tokens_per_s" in r else ""
-        print(f"{f.stem[4:]:<24}{loop:>7}{x.get('attention', 'sdpa'):>15}"
-              f"{x['real_tokens_per_s']:>12.0f}{x['model_tflops_per_s']:>9.1f}{mfu:>7}"
-              f"{x['pad_share']:>7.1%}{x.get('mem_peak_gib', 0):>9.1f}{ratio:>7}")
+        print(f"{f.stem[4:]:<30}{loop:>7}{x.get('fused_kernels', '-'):>15}"
+              f"{'y' if x.get('activation_checkpointing') else 'n':>5}{x.get('grad_accum', 1):>3}"
+              f"{x['real_tokens_per_s']:>11.0f}{x['model_tflops_per_s']:>8.1f}{mfu:>7}"
+              f"{x['pad_share']:>6.1%}{x.get('mem_peak_gib', 0):>6.1f}"
+              f"{x['step_seconds_median']:>7.2f}{ratio:>6}")
 EOF
 echo "=== done in $((SECONDS - START))s; JSON and logs in $OUT"

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polar_scaling import gpu  # noqa: E402
 from polar_scaling.batch_plan import plan_batch  # noqa: E402
+from polar_scaling.fused import FUSED_KERNELS  # noqa: E402
 from polar_scaling.losses import bradley_terry_loss, pair_scores  # noqa: E402
 from polar_scaling.packed_attention import (  # noqa: E402
     best_packed_attention,
@@ -71,7 +72,16 @@ def parse_args(argv=None):
                         "tokens as one packed row of 16,384)")
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True,
-                   help="activation checkpointing (both loops)")
+                   help="activation checkpointing of the packed loop")
+    p.add_argument("--padded-ckpt", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing of the padded loop (a padded 1.8B batch of "
+                        "POLAR lengths does not fit 80 GB without it)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (both loops)")
+    p.add_argument("--fused", default="none", choices=list(FUSED_KERNELS),
+                   help="fused RMSNorm/SwiGLU/RoPE kernels of the packed loop")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one packed step and print the top kernels")
     p.add_argument("--attn", default=None,
                    help="packed kernel: sdpa, flex_attention, polar_varlen, flash_attention_2 "
                         "(default: the best available)")
@@ -159,7 +169,7 @@ def run_padded(args, size, vocab, pairs, n_steps, peak):
     """Plain loop: fp32 weights, bf16 autocast on CUDA, fused AdamW, padded micro-batches."""
     model = build_model(size, vocab)
     use_attention(model, "sdpa")
-    if args.ckpt:
+    if args.padded_ckpt:
         model.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     cuda = torch.cuda.is_available()
@@ -169,30 +179,37 @@ def run_padded(args, size, vocab, pairs, n_steps, peak):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     times, real, slots, flops = [], [], [], []
     model.train()
+    per_step = args.pad_pairs * args.grad_accum
     for step in range(n_steps):
-        chunk = pairs[step * args.pad_pairs:(step + 1) * args.pad_pairs]
-        seqs = [c for c, _ in chunk] + [r for _, r in chunk]
-        ids, mask = pad_sequences(seqs, PAD_ID)
-        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        step_pairs = pairs[step * per_step:(step + 1) * per_step]
+        micro = [step_pairs[i:i + args.pad_pairs] for i in range(0, per_step, args.pad_pairs)]
+        batches = []
+        for chunk in micro:
+            seqs = [c for c, _ in chunk] + [r for _, r in chunk]
+            ids, mask = pad_sequences(seqs, PAD_ID)
+            batches.append((seqs, ids.to(device, non_blocking=True),
+                            mask.to(device, non_blocking=True)))
         sync()
         t0 = time.perf_counter()
-        with autocast:
-            chosen, rejected = pair_scores(model(ids, attention_mask=mask))
-            loss = bradley_terry_loss(chosen, rejected)
-        loss.backward()
+        for _, ids, mask in batches:
+            with autocast:
+                chosen, rejected = pair_scores(model(ids, attention_mask=mask))
+                loss = bradley_terry_loss(chosen, rejected) / len(batches)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t0)
-        lens = [len(s) for s in seqs]
+        lens = [len(s) for seqs, _, _ in batches for s in seqs]
         real.append(sum(lens))
-        slots.append(ids.numel())
+        slots.append(sum(ids.numel() for _, ids, _ in batches))
         flops.append(train_flops(size, lens))
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"padded loop: non-finite loss at step {step}")
     row = summarise("padded", times, real, slots, flops, peak, args.warmup)
-    row["pairs_per_micro_batch"] = args.pad_pairs
+    row.update(pairs_per_micro_batch=args.pad_pairs, grad_accum=args.grad_accum,
+               activation_checkpointing=args.padded_ckpt)
     del model, opt
     free_memory()
     return row
@@ -210,43 +227,95 @@ def run_packed(args, size, vocab, pairs, n_steps, peak, impl, precision):
     fitting = [g for g in groups if len(first_fit_decreasing(
         [n for i in g for n in (len(pairs[i][0]), len(pairs[i][1]))], args.row_tokens))
         <= args.rows]
-    if len(fitting) < n_steps:
-        raise RuntimeError(f"only {len(fitting)} packed micro-batches for {n_steps} steps")
-    groups = fitting[:n_steps]
+    n_micro = n_steps * args.grad_accum + (1 if args.profile else 0) * args.grad_accum
+    if len(fitting) < n_micro:
+        raise RuntimeError(f"only {len(fitting)} packed micro-batches for {n_micro}")
+    groups = fitting[:n_micro]
     batches = [pack_sequences([pairs[i][0] for i in g] + [pairs[i][1] for i in g],
                               args.row_tokens, PAD_ID, min_rows=args.rows) for g in groups]
     model = build_model(size, vocab)
     use_attention(model, impl)
+    plain = None
+    if args.check and args.fused != "none":  # the unfused fp32 model's rewards, for the check
+        with torch.no_grad():
+            plain = model(**packed_inputs(batches[0].to(next(model.parameters()).device), impl))
     engine = Engine(model, EngineArgs(zero_stage=args.zero, precision=precision,
-                                      activation_checkpointing=args.ckpt),
-                    OptimArgs(lr=1e-5, warmup_ratio=0.0), total_steps=n_steps, micro_batch=1,
-                    grad_accum=1, run_path=None)
+                                      activation_checkpointing=args.ckpt,
+                                      fused_kernels=args.fused),
+                    OptimArgs(lr=1e-5, warmup_ratio=0.0), total_steps=n_steps + 1,
+                    micro_batch=1, grad_accum=args.grad_accum, run_path=None)
     check = reward_check(engine.module, batches[0], pairs, groups[0], impl) if args.check else None
+    if plain is not None:
+        with torch.no_grad():
+            fused = engine.module(**packed_inputs(batches[0].to(engine.device), impl))
+        diff = (fused.float() - plain.float()).abs().max().item()
+        check["fused_vs_plain_fp32"] = diff
+        print(f"fused check ({args.fused}, {precision}) against the unfused fp32 model: "
+              f"max |diff| = {diff:.3g} (reward std {check['reward_std']:.3g})", flush=True)
+        del plain
 
     def loss_fn(module, batch):
         chosen, rejected = pair_scores(module(**packed_inputs(batch, impl)))
         return bradley_terry_loss(chosen, rejected), {}
 
     times, real, slots, flops = [], [], [], []
-    for step, batch in enumerate(batches):
-        batch = batch.to(engine.device)
+    ga = args.grad_accum
+    for step in range(n_steps):
+        step_batches = [b.to(engine.device) for b in batches[step * ga:(step + 1) * ga]]
         sync()
         t0 = time.perf_counter()
-        loss, _ = engine.train_step([batch], loss_fn)
+        loss, _ = engine.train_step(step_batches, loss_fn)
         sync()
         times.append(time.perf_counter() - t0)
-        real.append(batch.real_tokens)
-        slots.append(batch.slots)
-        flops.append(train_flops(size, batch.seq_lens.tolist()))
+        real.append(sum(b.real_tokens for b in step_batches))
+        slots.append(sum(b.slots for b in step_batches))
+        flops.append(sum(train_flops(size, b.seq_lens.tolist()) for b in step_batches))
         if not math.isfinite(loss):
             raise RuntimeError(f"packed loop: non-finite loss at step {step}")
     row = summarise("packed", times, real, slots, flops, peak, args.warmup)
     row.update(attention=impl, zero_stage=args.zero, rows_per_micro_batch=args.rows,
-               row_tokens=args.row_tokens, pairs_per_micro_batch=float(np.mean(
-                   [len(g) for g in groups])), reward_check=check)
+               row_tokens=args.row_tokens, grad_accum=ga, fused_kernels=args.fused,
+               activation_checkpointing=args.ckpt,
+               pairs_per_micro_batch=float(np.mean([len(g) for g in groups])),
+               reward_check=check)
+    if args.profile:
+        last = [b.to(engine.device) for b in batches[n_steps * ga:(n_steps + 1) * ga]]
+        row["profile_top"] = profile_step(engine, last, loss_fn)
     del engine, model
     free_memory()
     return row
+
+
+def profile_step(engine, step_batches, loss_fn, top: int = 25) -> list[dict]:
+    """Profile one optimizer step; print and return the kernels that took the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                           else [])
+    sync()
+    with profile(activities=activities) as prof:
+        engine.train_step(step_batches, loss_fn)
+        sync()
+    events = prof.key_averages()
+    device = torch.cuda.is_available()
+
+    def self_time(e):
+        for name in (("self_device_time_total", "self_cuda_time_total") if device
+                     else ("self_cpu_time_total",)):
+            if hasattr(e, name):
+                return getattr(e, name)
+        return 0.0
+
+    total = sum(self_time(e) for e in events) or 1.0
+    rows = sorted(events, key=self_time, reverse=True)[:top]
+    print(f"profile of one step ({'device' if device else 'cpu'} self time, "
+          f"total {total / 1e3:.1f} ms):", flush=True)
+    out = []
+    for e in rows:
+        t = self_time(e)
+        print(f"  {t / 1e3:9.2f} ms {t / total:6.1%} x{e.count:<5d} {e.key[:90]}", flush=True)
+        out.append({"name": e.key, "self_ms": t / 1e3, "share": t / total, "calls": e.count})
+    return out
 
 
 @torch.no_grad()
@@ -310,12 +379,20 @@ def main(argv=None) -> dict:
                          f"{longest} tokens")
     n_steps = args.warmup + args.steps
     rng = np.random.default_rng(args.seed)
-    n_pairs = max(n_steps * args.pad_pairs, n_steps * args.rows * args.row_tokens // 2000 + 64)
+    n_micro = (n_steps + 1) * args.grad_accum
+    # Enough pairs for every packed micro-batch (with a margin for rows left part-empty) and
+    # every padded one.
+    probe = draw_pair_lengths(np.random.default_rng(args.seed + 1), 1000, args.max_prompt,
+                              args.max_response)
+    mean_pair = float(np.mean([2 * (p + r + 1) + c + j + 2 for p, r, c, j in probe]))
+    n_pairs = max(n_micro * args.pad_pairs,
+                  math.ceil(1.5 * n_micro * args.rows * args.row_tokens / mean_pair) + 64)
     lengths = draw_pair_lengths(rng, n_pairs, args.max_prompt, args.max_response)
     pairs = make_pairs(rng, lengths, vocab)
     print(f"device {name}, peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s, size "
           f"{size.name}, packed kernel {impl}, ZeRO {args.zero}, activation checkpointing "
-          f"{args.ckpt}, torch {torch.__version__}", flush=True)
+          f"{args.ckpt}, fused kernels {args.fused}, {args.grad_accum} micro-batches per step, "
+          f"torch {torch.__version__}", flush=True)
     result = {"device": name, "peak_flops": peak, "size": size.name, "cpu_tiny_shape": not cuda,
               "args": vars(args), "torch": torch.__version__}
     mem = gpu.total_memory_bytes()

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The training stage itself on a GPU: `polar-train generate` of a small world, then
+# `polar-train pretrain` with packed batches, the polar_varlen kernel, bf16 and DeepSpeed
+# over NCCL, killed mid-way and resumed. Prints the run's last metrics. Part of
+# benchmarks/gpu_check.sh; runs on a CPU too (then fp32, padded-equivalent kernels).
+#
+#     bash benchmarks/gpu_stage_check.sh OUTDIR
+set -euo pipefail
+out=${1:?usage: gpu_stage_check.sh OUTDIR}
+PY=${PYTHON:-python3}
+mkdir -p "$out"
+cat >"$out/generate.yaml" <<'EOF'
+world: {families: 3, members_per_family: 3, content_vocab: 32, logit_scale: 3.0}
+prompts: {train: 600, heldout_prompts: 64, heldout_policies: 64}
+sampling: {max_new_tokens: 16}
+workers: 1
+progress: false
+EOF
+cat >"$out/pretrain.yaml" <<EOF
+data: {dir: $out/world, eval_pairs: 128}
+model: {size: t800k, attention: polar_varlen}
+budget: {tokens: 3e5}
+batch: {size: 32, packing: "on"}
+optim: {lr: 1e-3}
+schedule: {eval_points: 4, checkpoint_every: 10, progress: false}
+EOF
+polar() { $PY -m polar_scaling.cli "$@"; }
+[ -f "$out/world/manifest.json" ] || polar generate "$out/generate.yaml" --run-dir "$out/world"
+rm -rf "$out/rm"
+# Kill the first attempt once a checkpoint exists, then resume on the same directory.
+polar pretrain "$out/pretrain.yaml" --run-dir "$out/rm" &
+pid=$!
+for _ in $(seq 600); do
+    ls "$out/rm/checkpoints/"*/COMPLETE >/dev/null 2>&1 && break
+    [ -n "$(jobs -rp)" ] || break  # the first attempt ended by itself
+    sleep 0.2
+done
+if [ -n "$(jobs -rp)" ]; then
+    kill -9 $pid && echo "killed the first attempt after its first checkpoint"
+fi
+wait $pid 2>/dev/null || echo "first attempt exited with $?"
+polar pretrain "$out/pretrain.yaml" --run-dir "$out/rm"
+$PY - "$out/rm" <<'EOF'
+import json, pathlib, sys
+run = pathlib.Path(sys.argv[1])
+done = json.loads((run / "done.json").read_text())
+lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+evals = [x for x in lines if "eval_loss" in x]
+print("done.json:", json.dumps(done)[:400])
+print("ds_config bf16:", json.loads((run / "ds_config.json").read_text()).get("bf16"))
+for x in evals:
+    print({k: x[k] for k in ("step", "tokens", "eval_loss", "eval_accuracy") if k in x})
+perf = run / "perf.jsonl"
+if perf.is_file():
+    print("perf (last):", perf.read_text().splitlines()[-1][:400])
+EOF
