@@ -81,3 +81,30 @@ def test_engine_args_validate_fused_kernels():
     assert from_dict(EngineArgs, {"fused_kernels": "compile"}).fused_kernels == "compile"
     with pytest.raises(ConfigError, match="fused_kernels"):
         from_dict(EngineArgs, {"fused_kernels": "turbo"})
+
+
+def test_benchmark_fused_accumulated_and_profiled_on_cpu(tmp_path):
+    """gpu_mfu.py's CPU branch with compiled kernels, 2 micro-batches per step and a profile."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "mfu.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(root / ".cache" / "torch_extensions"))
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_mfu.py"), "--steps", "1",
+                           "--warmup", "0", "--grad-accum", "2", "--fused", "compile",
+                           "--mode", "packed", "--profile", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    packed = json.loads(out.read_text())["packed"]
+    assert packed["grad_accum"] == 2 and packed["fused_kernels"] == "compile"
+    assert packed["reward_check"]["fused_vs_plain_fp32"] < 1e-5
+    # two micro-batches' worth of real tokens in the one timed step
+    assert packed["real_tokens"] > 0 and packed["timed_steps"] == 1
+    top = packed["profile_top"]
+    assert len(top) >= 10 and any("mm" in row["name"] for row in top)
