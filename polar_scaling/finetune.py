@@ -33,7 +33,7 @@ from polar_scaling.config import check, load_config, to_dict
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
-from polar_scaling.stage_args import Attention, BatchArgs, BatchLayout
+from polar_scaling.stage_args import Attention, BatchLayout, PairBatchArgs
 from polar_scaling.trainer import ScheduleArgs
 
 
@@ -66,7 +66,7 @@ class FinetuneArgs:
     data: FinetuneDataArgs = field(default_factory=FinetuneDataArgs)
     model: FinetuneModelArgs = field(default_factory=FinetuneModelArgs)
     epochs: int = field(default=1, metadata={"ge": 1})
-    batch: BatchArgs = field(default_factory=lambda: BatchArgs(size=16))
+    batch: PairBatchArgs = field(default_factory=lambda: PairBatchArgs(size=16))
     optim: OptimArgs = field(default_factory=lambda: OptimArgs(lr=3e-4, warmup_ratio=0.1))
     engine: EngineArgs = field(default_factory=EngineArgs)
     schedule: ScheduleArgs = field(default_factory=lambda: ScheduleArgs(eval_points=8))

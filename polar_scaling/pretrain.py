@@ -24,7 +24,7 @@ from polar_scaling.config import ConfigError, check, load_config, to_dict
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
-from polar_scaling.stage_args import BatchArgs, BatchLayout, BudgetArgs, ModelArgs
+from polar_scaling.stage_args import BatchLayout, BudgetArgs, ModelArgs, PairBatchArgs
 from polar_scaling.trainer import ScheduleArgs
 
 
@@ -45,7 +45,7 @@ class PretrainArgs:
     data: PretrainDataArgs = field(default_factory=PretrainDataArgs)
     model: ModelArgs = field(default_factory=ModelArgs)
     budget: BudgetArgs = field(default_factory=lambda: BudgetArgs(tokens=2e6))
-    batch: BatchArgs = field(default_factory=BatchArgs)
+    batch: PairBatchArgs = field(default_factory=PairBatchArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     engine: EngineArgs = field(default_factory=EngineArgs)
     schedule: ScheduleArgs = field(default_factory=ScheduleArgs)

@@ -40,6 +40,12 @@ class BudgetArgs:
 class BatchArgs:
     size: int = field(default=32, metadata={"ge": 1})  # examples per optimizer step, all ranks
     micro: int | None = field(default=None, metadata={"ge": 1})  # per rank; None: size/world
+
+
+@dataclass
+class PairBatchArgs(BatchArgs):
+    """The batch of the pair stages (pretrain, finetune): BatchArgs plus the layout."""
+
     # Pack each micro-batch's sequences into rows of row_tokens instead of padding them to
     # the longest (a micro-batch still holds the same pairs). auto: on for CUDA, off on CPU.
     # YAML reads a bare on/off as true/false, so booleans are accepted and normalised.
@@ -63,7 +69,7 @@ class BatchLayout:
     row_tokens: int | None  # packed row width; None for padded batches
 
     @classmethod
-    def resolve(cls, batch: BatchArgs, attention: str, sets: dict,
+    def resolve(cls, batch: PairBatchArgs, attention: str, sets: dict,
                 device_type: str | None = None) -> BatchLayout:
         """The layout for ``batch`` and ``model.attention`` on this machine (or
         ``device_type``); ``sets`` (name -> PairData, every set the stage scores) fix
@@ -100,7 +106,7 @@ class BatchLayout:
         return {"packing": self.packed, "attention": self.attention, "row_tokens": self.row_tokens}
 
 
-def resolve_layout(batch: BatchArgs, attention: str, device_type: str) -> tuple[bool, str]:
+def resolve_layout(batch: PairBatchArgs, attention: str, device_type: str) -> tuple[bool, str]:
     """``(packed, kernel)`` for these args on a ``device_type`` ("cuda" or "cpu") device.
 
     Raises StageError for a kernel that cannot run the resolved layout here.

@@ -151,10 +151,10 @@ def test_row_tokens_default_and_too_short_rows():
 
 def test_layout_resolution():
     from polar_scaling.config import ConfigError, load_config
-    from polar_scaling.stage_args import BatchArgs, ModelArgs, resolve_layout
+    from polar_scaling.stage_args import ModelArgs, PairBatchArgs, resolve_layout
 
     def batch(*o):
-        return load_config(BatchArgs, None, list(o))
+        return load_config(PairBatchArgs, None, list(o))
 
     assert resolve_layout(batch(), "auto", "cpu") == (False, "sdpa")
     assert resolve_layout(batch("packing=on"), "auto", "cpu") == (True, "sdpa")
