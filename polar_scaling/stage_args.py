@@ -67,6 +67,9 @@ class BatchLayout:
     packed: bool
     attention: str  # the model's attention kernel
     row_tokens: int | None  # packed row width; None for padded batches
+    # Padded batches with model.attention=auto leave the model's own kernel alone (a
+    # remote-code base may not offer sdpa).
+    keep_kernel: bool = False
 
     @classmethod
     def resolve(cls, batch: PairBatchArgs, attention: str, sets: dict,
@@ -81,13 +84,17 @@ class BatchLayout:
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         packed, impl = resolve_layout(batch, attention, device_type)
         row_tokens = resolve_row_tokens(batch.row_tokens, sets) if packed else None
-        return cls(packed, impl, row_tokens)
+        return cls(packed, impl, row_tokens, keep_kernel=not packed and attention == "auto")
 
     def apply(self, model) -> None:
-        """Switch ``model`` to this layout's attention kernel (if it is not already on it)."""
+        """Switch ``model`` to this layout's attention kernel (if it is not already on it);
+        with ``keep_kernel``, record the model's own kernel instead."""
         from polar_scaling.packed_attention import use_attention
 
-        if getattr(model.config, "_attn_implementation", None) != self.attention:
+        current = getattr(model.config, "_attn_implementation", None)
+        if self.keep_kernel:
+            self.attention = current or self.attention
+        elif current != self.attention:
             use_attention(model, self.attention)
 
     def loss_fn(self):

@@ -205,3 +205,23 @@ def test_packed_evaluation_equals_padded(attention, one_thread):
     assert 0.2 < padded["accuracy"] < 0.8 and padded.keys() == packed.keys()
     for k in padded:
         assert packed[k] == pytest.approx(padded[k], abs=1e-5), k
+
+
+def test_padded_auto_layout_keeps_the_models_kernel():
+    from polar_scaling.config import load_config
+    from polar_scaling.model import RewardModel
+    from polar_scaling.packed_attention import use_attention
+    from polar_scaling.sizes import get_size, hf_config
+    from polar_scaling.stage_args import BatchLayout, PairBatchArgs
+
+    model = RewardModel.from_config(hf_config(get_size("t12k").with_vocab(32), pad_token_id=0))
+    use_attention(model, "eager")
+    sets = {"training": make_pairs(8)}
+    layout = BatchLayout.resolve(PairBatchArgs(), "auto", sets, device_type="cpu")
+    layout.apply(model)
+    assert model.config._attn_implementation == "eager" and layout.summary() == {
+        "packing": False, "attention": "eager", "row_tokens": None}
+    packed = load_config(PairBatchArgs, None, ["packing=on"])
+    layout = BatchLayout.resolve(packed, "auto", sets, device_type="cpu")
+    layout.apply(model)
+    assert model.config._attn_implementation == "sdpa" and layout.row_tokens == 256
