@@ -124,9 +124,9 @@ def resolve_layout(batch: PairBatchArgs, attention: str, device_type: str) -> tu
     if attention == "auto":
         return packed, best_packed_attention(device_type) if packed else "sdpa"
     if attention == VARLEN and not packed:
-        raise StageError(f"model.attention={VARLEN} reads packed rows only, but batch.packing "
-                         f"is {batch.packing} (off on {device_type}); set batch.packing=on or "
-                         f"choose another kernel")
+        raise StageError(f"model.attention={VARLEN} reads packed rows only, but batches are "
+                         f"padded here (batch.packing={batch.packing}, {device_type}); set "
+                         f"batch.packing=on or choose another kernel")
     if attention == "flex_attention" and device_type != "cuda":
         raise StageError("model.attention=flex_attention has no backward pass on CPU in this "
                          "torch; choose sdpa or polar_varlen here")
