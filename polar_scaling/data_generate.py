@@ -311,20 +311,21 @@ def finalize_parts(args: GenerateArgs, run_dir: Path, parts: int) -> dict:
     for shard in shards:
         index, part = shard["index"], shard["index"] % parts
         entry = known.get(index)
-        try:
-            if entry is None:
-                raise DatasetError(f"{run_dir / shard['file']} was never written")
-            manifest["shards"][index] = verify_entry(run_dir, entry)
-        except DatasetError as e:
-            problems.setdefault(part, []).append(str(e))
+        problem = "was never written" if entry is None else _problem(run_dir, entry)
+        if problem:
+            problems.setdefault(part, []).append(f"{shard['file']} {problem}")
+        else:
+            manifest["shards"][index] = entry
     if problems:
+        # One line, the parts first: a sweep's status shows (300 characters of) the last line
+        # of a failed job's error.
         lines = [f"part {part}/{parts}: {text}" for part, texts in sorted(problems.items())
                  for text in texts]
         raise StageError(
-            f"cannot finalize {run_dir}: {len(lines)} shard(s) missing or corrupt:\n  "
-            + "\n  ".join(lines) + f"\nrewrite them with `polar-train generate CONFIG --run-dir "
-            f"{run_dir} --part I/{parts}` for I in {', '.join(map(str, sorted(problems)))} "
-            f"(a corrupt shard: delete it first), then finalize again; nothing was deleted")
+            f"cannot finalize: {'; '.join(lines)}. Rewrite them with `polar-train generate "
+            f"CONFIG --run-dir DATA --part I/{parts}` for I in "
+            f"{', '.join(map(str, sorted(problems)))} (delete a corrupt shard first), then "
+            f"finalize again; nothing was deleted (DATA: {run_dir})")
     if not (run_dir / "tokenizer" / "tokenizer_config.json").is_file():
         runtime.save_tokenizer(run_dir / "tokenizer")
     started = time.perf_counter()
@@ -343,21 +344,23 @@ def finalize_parts(args: GenerateArgs, run_dir: Path, parts: int) -> dict:
 
 def verify_entry(run_dir: Path, entry: dict) -> dict:
     """``entry`` (a shard or the KL table) if its file's sha256 matches, else DatasetError."""
-    path = Path(run_dir) / entry["file"]
-    if not path.is_file():
-        raise DatasetError(f"{path} is missing")
-    if sha256_file(path) != entry["sha256"]:
-        raise DatasetError(f"{path} is corrupt (its sha256 differs from the one recorded when "
-                           f"it was written)")
+    problem = _problem(run_dir, entry)
+    if problem:
+        raise DatasetError(f"{Path(run_dir) / entry['file']} {problem}")
     return entry
 
 
+def _problem(run_dir: Path, entry: dict) -> str | None:
+    path = Path(run_dir) / entry["file"]
+    if not path.is_file():
+        return "is missing"
+    if sha256_file(path) != entry["sha256"]:
+        return "is corrupt (its sha256 differs from the one recorded when it was written)"
+    return None
+
+
 def _verified(run_dir: Path, entry: dict) -> bool:
-    try:
-        verify_entry(run_dir, entry)
-    except DatasetError:
-        return False
-    return True
+    return _problem(run_dir, entry) is None
 
 
 def _part_records(run_dir: Path) -> dict[int, dict]:
