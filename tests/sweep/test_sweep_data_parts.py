@@ -86,3 +86,38 @@ def test_parts_of_a_finished_dataset_are_done(tmp_path):
     assert [s.state for s in store.status(sweep, probe=False)][:4] == ["new"] * 4
     (store.run_dir(data.run_id) / "done.json").write_text(json.dumps({"shards": 6}))
     assert [s.state for s in store.status(sweep, probe=False)][:4] == ["done"] * 4
+
+
+def test_local_executor_writes_the_parts_then_finalizes(tmp_path):
+    from tiny_world import TINY_GENERATE
+
+    from polar_scaling.config import from_dict
+    from polar_scaling.data_generate import GenerateArgs, generate
+
+    # 4 shards of the tiny world in 2 parts, as local jobs (2 at once), then the finalize job.
+    config = {**TINY_GENERATE, "kl": {"enabled": False}}
+    path = sweep_file(tmp_path, 2, base=None, data={"generate": config, "jobs": 2})
+    root = tmp_path / "root"
+    code, out = polar_sweep("launch", path, "--root", root, "--executor", "local",
+                            "--only", "data*")
+    assert code == 0, out
+    sweep = load_sweep(path, root=root)
+    store = Store(root)
+    states = {s.run.name: s.state for s in store.status(sweep)}
+    assert states == {"data-part0of2": "done", "data-part1of2": "done", "data": "done",
+                      "pretrain-t12k-tok1e4-s0": "new", "pretrain-t25k-tok1e4-s0": "new"}
+    generate(from_dict(GenerateArgs, config), tmp_path / "single")
+    data_dir = store.run_dir(sweep.runs[2].run_id)
+    for name in ("shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet",
+                 "shard-00003.parquet"):
+        assert (data_dir / "shards" / name).read_bytes() == \
+            (tmp_path / "single" / "shards" / name).read_bytes()
+    manifests = [json.loads((d / "manifest.json").read_text())
+                 for d in (data_dir, tmp_path / "single")]
+    for m in manifests:
+        for s in m["shards"]:
+            del s["seconds"]
+    assert manifests[0] == manifests[1]
+    code, out = polar_sweep("launch", path, "--root", root, "--executor", "local",
+                            "--only", "data*")
+    assert code == 0 and "0 run(s) to submit" in out, out
