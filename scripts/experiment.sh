@@ -2,19 +2,25 @@
 # The embedded POLAR scaling-law experiment, end to end:
 #   sweep (data -> base LMs -> reward models) -> results table -> fits and plots -> summary.
 # usage: scripts/experiment.sh [SWEEP.yaml] [sweep overrides ...]   (make demo runs it)
+#   SEED=N: fit only the runs of seed N, into ROOT/fits-seedN (the runs of other seeds stay in
+#   the table): e.g. SEED=1 scripts/experiment.sh sweeps/tiny.yaml 'grid.seeds=[0,1]'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 SWEEP=${1:-sweeps/tiny.yaml}
 shift || true
 start=$SECONDS
-root=$("$BIN/python" - "$SWEEP" "$@" <<'PY'
+# The sweep root and its largest token budget: final loss against N is fitted at equal
+# tokens (the largest budget), since final losses of different budgets are different laws.
+read -r root budget < <("$BIN/python" - "$SWEEP" "$@" <<'PY'
 import sys
 from polar_scaling.sweep.spec import load_sweep
-print(load_sweep(sys.argv[1], sys.argv[2:]).root)
+s = load_sweep(sys.argv[1], sys.argv[2:])
+print(s.root, max(r.tokens for r in s.runs if r.role == "run"))
 PY
 )
-fits="$root/fits"
+fits="$root/fits${SEED:+-seed$SEED}"
+seed_q=${SEED:+ and seed == $SEED}
 
 echo "== 1/3 sweep $SWEEP -> $root"
 # A failed run is reported by launch (with its log) and left out of the fits; the rest go on.
@@ -22,15 +28,17 @@ echo "== 1/3 sweep $SWEEP -> $root"
 "$BIN/polar-sweep" collect "$SWEEP" "$@"
 
 echo "== 2/3 fits -> $fits"
-fit() { "$BIN/polar-analyze" fit "$root/results.csv" --out "$fits/$1" "${@:2}" > "$fits/$1.log" 2>&1 \
+fit() { "$BIN/polar-analyze" fit "$root/results.csv" --out "$fits/$1" "${@:2}" \
+        > "$fits/$1.log" 2>&1 \
         || { echo "fit $1 failed:"; tail -5 "$fits/$1.log"; }; }
 mkdir -p "$fits"
-fit compute_power --form power --x compute --envelope
-fit compute_saturating --form saturating --x compute --envelope
+all=(--where "budget_tokens > 0$seed_q")
+fit compute_power --form power --x compute --envelope "${all[@]}"
+fit compute_saturating --form saturating --x compute --envelope "${all[@]}"
 # N is the non-embedding parameter count, as in the compute formula (polar_scaling/sizes.py).
-fit params_power --form power --x params --params non_embedding_params --final-only
-fit params_extrapolation --form power --x params --params non_embedding_params --final-only \
-    --holdout-largest 1
+final=(--x params --params non_embedding_params --final-only --where "budget_tokens == $budget$seed_q")
+fit params_power --form power "${final[@]}"
+fit params_extrapolation --form power "${final[@]}" --holdout-largest 1
 
 echo "== 3/3 summary ($((SECONDS - start)) s)"
 "$BIN/python" - "$fits" <<'PY'
@@ -50,13 +58,23 @@ def show(name, title):
         law = f"L = {p['a']:.4g}·X^{p['b']:.4g}"
     pr = r.get("pearson_r")
     extra = f"  Pearson r {pr:.4f}" if pr is not None else ""
+    ci = r.get("ci", {}).get("alpha" if "E" in p else "b")
+    if ci:
+        extra += f"  exponent 95% CI [{ci[0]:.4g}, {ci[1]:.4g}]"
     print(f"{title:<34} {law:<34} R² {r['r2']:.4f}{extra}  (n={r['n_points']})")
     return r
 show("compute_power", "loss vs compute (envelope)")
 show("compute_saturating", "loss vs compute, saturating")
 show("params_power", "final loss vs parameters")
 r = show("params_extrapolation", "fit without the largest rung")
-if r and r.get("extrapolation"):
-    print("extrapolation to the largest rung:", json.dumps(r["extrapolation"], default=str)[:300])
+x = (r or {}).get("extrapolation")
+if x:
+    print(f"extrapolation to the largest rung: mean |relative error| "
+          f"{100 * x['mean_abs_rel_error']:.2f}%, max {100 * x['max_abs_rel_error']:.2f}% "
+          f"({x['n_heldout']} held-out run(s))")
+    for pt in x["points"]:
+        print(f"  {pt['group']}: observed {pt['observed']:.4f}, predicted {pt['predicted']:.4f} "
+              f"[{pt['predicted_lo']:.4f}, {pt['predicted_hi']:.4f}], "
+              f"error {100 * pt['rel_error']:+.2f}%")
 print(f"reports and plots: {fits}/*/report.md, *.png, *.pdf")
 PY

@@ -96,19 +96,42 @@ def test_fill_drops_empty_placeholder_lines_and_rejects_unknown_names():
 
 
 def test_tiny_dry_run_chains_data_base_lms_and_runs(tmp_path):
+    import yaml
+
+    spec = yaml.safe_load((REPO / "sweeps" / "tiny.yaml").read_text())
+    sizes, n_budgets = spec["grid"]["sizes"], len(spec["grid"]["budgets"])
+    parts = spec["data"].get("jobs", 1)
     code, out = polar_sweep("dry-run", REPO / "sweeps" / "tiny.yaml", "--root", tmp_path)
     assert code == 0, out
     scripts = {p.stem: p.read_text().splitlines()
                for p in (tmp_path / "scripts" / "dry-run").glob("*.sbatch")}
-    assert sorted(scripts) == ["generate", "lm", "pretrain-t100k", "pretrain-t200k",
-                               "pretrain-t25k", "pretrain-t50k"]
-    assert not any(ln.startswith("#SBATCH --dependency") for ln in scripts["generate"])
-    assert "#SBATCH --dependency=afterok:<generate>" in scripts["lm"]
-    assert "#SBATCH --array=0-3%2" in scripts["lm"]  # one base LM per size, 2 at once
-    for i, size in enumerate(["t25k", "t50k", "t100k", "t200k"]):
+    data = ["generate-finalize", "generate-parts"] if parts > 1 else ["generate"]
+    assert sorted(scripts) == sorted(data + ["lm"] + [f"pretrain-{s}" for s in sizes])
+    gen = "<generate-finalize>" if parts > 1 else "<generate>"
+    if parts > 1:
+        deps = ":".join(f"<generate-parts_{i}>" for i in range(parts))
+        assert f"#SBATCH --dependency=afterok:{deps}" in scripts["generate-finalize"]
+    assert not any(ln.startswith("#SBATCH --dependency") for ln in scripts[data[-1]])
+    assert f"#SBATCH --dependency=afterok:{gen}" in scripts["lm"]
+    assert f"#SBATCH --array=0-{len(sizes) - 1}%2" in scripts["lm"]  # a base LM per size
+    for i, size in enumerate(sizes):
         lines = scripts[f"pretrain-{size}"]
         # Every budget of a size waits for the data and for that size's base LM only.
-        assert f"#SBATCH --dependency=afterok:<generate>:<lm_{i}>" in lines
+        assert f"#SBATCH --dependency=afterok:{gen}:<lm_{i}>" in lines
         assert "#SBATCH --kill-on-invalid-dep=yes" in lines
-        assert "#SBATCH --array=0-2%2" in lines
-    assert "17 runs" in out and "nothing submitted" in out
+        assert f"#SBATCH --array=0-{n_budgets - 1}%2" in lines
+    n_runs = (parts + 1 if parts > 1 else 1) + len(sizes) * (1 + n_budgets)
+    assert f"{n_runs} runs" in out and "nothing submitted" in out
+
+
+def test_tiny_lr_shares_the_data_and_base_lms_of_tiny(tmp_path):
+    """sweeps/tiny_lr.yaml parses and reuses tiny.yaml's dataset and base LMs (same run ids)."""
+    from polar_scaling.sweep.spec import load_sweep
+
+    tiny = load_sweep(REPO / "sweeps" / "tiny.yaml", root=tmp_path)
+    lr = load_sweep(REPO / "sweeps" / "tiny_lr.yaml", root=tmp_path)
+    shared = {r.run_id for r in tiny.runs if r.role != "run"}
+    assert shared and shared == {r.run_id for r in lr.runs if r.role != "run"}
+    runs = [r for r in lr.runs if r.role == "run"]
+    assert {r.size for r in runs} == set(tiny.spec.grid.sizes)
+    assert len({r.config["optim"]["lr"] for r in runs}) >= 3
