@@ -72,26 +72,40 @@ EOF
 # 2. 1.8B throughput on POLAR-like data (responses up to 4,096 tokens, rows of 16,384).
 #    Ordered by what the figures are needed for; the budget skips the tail.
 M="$PY benchmarks/gpu_mfu.py --size 1.8B --warmup 2 --steps 4 --attn polar_varlen --zero 0"
-# The plain padded loop and our packed path in the same process: the ratio of real tokens/s.
-step mfu_none_nockpt_ga4_both 150 $M --no-ckpt --grad-accum 4 --fused none --mode both \
-    --json "$OUT/mfu_none_nockpt_ga4_both.json"
-step mfu_liger_nockpt_ga4 100 $M --no-ckpt --grad-accum 4 --fused liger --mode packed --profile \
-    --json "$OUT/mfu_liger_nockpt_ga4.json"
-step mfu_compile_nockpt_ga4 170 $M --no-ckpt --grad-accum 4 --fused compile --mode packed \
-    --json "$OUT/mfu_compile_nockpt_ga4.json"
-step mfu_liger_ckpt_ga4 90 $M --ckpt --grad-accum 4 --fused liger --mode packed \
-    --json "$OUT/mfu_liger_ckpt_ga4.json"
-step mfu_none_nockpt_ga1 70 $M --no-ckpt --grad-accum 1 --fused none --mode packed \
-    --json "$OUT/mfu_none_nockpt_ga1.json"
+# Which of these run: CHECK_RUNS (space-separated names; default all, in this order).
+RUNS=${CHECK_RUNS:-"none_nockpt_ga4_both liger_nockpt_ga4 compile_nockpt_ga4 liger_ckpt_ga4 none_nockpt_ga1"}
+for r in $RUNS; do
+    case $r in
+        # The plain padded loop and our packed path in the same process: the ratio.
+        none_nockpt_ga4_both) step mfu_$r 150 $M --no-ckpt --grad-accum 4 --fused none --mode both \
+            --json "$OUT/mfu_$r.json" ;;
+        liger_nockpt_ga4) step mfu_$r 100 $M --no-ckpt --grad-accum 4 --fused liger --mode packed \
+            --profile --json "$OUT/mfu_$r.json" ;;
+        compile_nockpt_ga4) step mfu_$r 170 $M --no-ckpt --grad-accum 4 --fused compile \
+            --mode packed --json "$OUT/mfu_$r.json" ;;
+        compile_layers_nockpt_ga4) step mfu_$r 170 $M --no-ckpt --grad-accum 4 \
+            --fused compile_layers --mode packed --json "$OUT/mfu_$r.json" ;;
+        liger_ckpt_ga4) step mfu_$r 90 $M --ckpt --grad-accum 4 --fused liger --mode packed \
+            --json "$OUT/mfu_$r.json" ;;
+        none_nockpt_ga1) step mfu_$r 70 $M --no-ckpt --grad-accum 1 --fused none --mode packed \
+            --json "$OUT/mfu_$r.json" ;;
+        liger_nockpt_ga4_tight) step mfu_$r 100 $M --no-ckpt --grad-accum 4 --fused liger \
+            --mode packed --tight --json "$OUT/mfu_$r.json" ;;
+        compile_layers_nockpt_ga4_tight) step mfu_$r 170 $M --no-ckpt --grad-accum 4 \
+            --fused compile_layers --mode packed --tight --json "$OUT/mfu_$r.json" ;;
+        none_nockpt_ga4_profile) step mfu_$r 100 $M --no-ckpt --grad-accum 4 --fused none \
+            --mode packed --profile --json "$OUT/mfu_$r.json" ;;
+        *) echo "unknown run $r" ;;
+    esac
+done
 
-# 3. Kernel correctness on packed bf16 rows + tiny bf16 DeepSpeed (NCCL, world size 1) smoke
-step kernels_smoke 100 $PY benchmarks/packed_kernels.py --kernels sdpa,eager,polar_varlen \
-    --json "$OUT/kernels_smoke.json"
-if [ -f benchmarks/gpu_stage_check.sh ]; then
-    step stage_check 120 bash benchmarks/gpu_stage_check.sh "$OUT/stage_check"
+# 3. Kernel correctness on packed bf16 rows + tiny bf16 DeepSpeed (NCCL, world size 1) smoke,
+#    and the training stage itself (generate, packed pretrain killed and resumed).
+if [ -z "${CHECK_SKIP_SMOKE:-}" ]; then
+    step kernels_smoke 100 $PY benchmarks/packed_kernels.py --kernels sdpa,eager,polar_varlen \
+        --json "$OUT/kernels_smoke.json"
+    step stage_check 120 bash benchmarks/gpu_stage_check.sh "${STAGE_DIR:-/tmp/gpu_stage_check}"
 fi
-step mfu_compile_layers_nockpt_ga4 170 $M --no-ckpt --grad-accum 4 --fused compile_layers \
-    --mode packed --json "$OUT/mfu_compile_layers_nockpt_ga4.json"
 
 # 4. Summary table -----------------------------------------------------------------------
 echo "=== summary (t=$((SECONDS - START))s)"

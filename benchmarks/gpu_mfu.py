@@ -80,6 +80,9 @@ def parse_args(argv=None):
                    help="micro-batches per optimizer step (both loops)")
     p.add_argument("--fused", default="none", choices=list(FUSED_KERNELS),
                    help="fused RMSNorm/SwiGLU/RoPE kernels of the packed loop")
+    p.add_argument("--tight", action="store_true",
+                   help="packed micro-batches as one row of exactly their tokens (no padding; "
+                        "varlen kernels only, the row length varies)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one packed step and print the top kernels")
     p.add_argument("--attn", default=None,
@@ -231,13 +234,19 @@ def run_packed(args, size, vocab, pairs, n_steps, peak, impl, precision):
     if len(fitting) < n_micro:
         raise RuntimeError(f"only {len(fitting)} packed micro-batches for {n_micro}")
     groups = fitting[:n_micro]
-    batches = [pack_sequences([pairs[i][0] for i in g] + [pairs[i][1] for i in g],
-                              args.row_tokens, PAD_ID, min_rows=args.rows) for g in groups]
+    def pack(g):
+        seqs = [pairs[i][0] for i in g] + [pairs[i][1] for i in g]
+        if args.tight:  # one row exactly as long as the micro-batch's tokens: no padding
+            return pack_sequences(seqs, sum(len(x) for x in seqs), PAD_ID)
+        return pack_sequences(seqs, args.row_tokens, PAD_ID, min_rows=args.rows)
+
+    batches = [pack(g) for g in groups]
     model = build_model(size, vocab)
     use_attention(model, impl)
     plain = None
-    if args.check and args.fused != "none":  # the unfused fp32 model's rewards, for the check
-        with torch.no_grad():
+    if args.check and args.fused != "none":  # the unfused model's rewards, for the check
+        cuda = torch.cuda.is_available()  # flash kernels take bf16: fp32 weights, bf16 autocast
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             plain = model(**packed_inputs(batches[0].to(next(model.parameters()).device), impl))
     engine = Engine(model, EngineArgs(zero_stage=args.zero, precision=precision,
                                       activation_checkpointing=args.ckpt,
@@ -250,7 +259,7 @@ def run_packed(args, size, vocab, pairs, n_steps, peak, impl, precision):
             fused = engine.module(**packed_inputs(batches[0].to(engine.device), impl))
         diff = (fused.float() - plain.float()).abs().max().item()
         check["fused_vs_plain_fp32"] = diff
-        print(f"fused check ({args.fused}, {precision}) against the unfused fp32 model: "
+        print(f"fused check ({args.fused}, {precision}) against the unfused model: "
               f"max |diff| = {diff:.3g} (reward std {check['reward_std']:.3g})", flush=True)
         del plain
 
@@ -275,6 +284,7 @@ def run_packed(args, size, vocab, pairs, n_steps, peak, impl, precision):
     row = summarise("packed", times, real, slots, flops, peak, args.warmup)
     row.update(attention=impl, zero_stage=args.zero, rows_per_micro_batch=args.rows,
                row_tokens=args.row_tokens, grad_accum=ga, fused_kernels=args.fused,
+               tight_rows=args.tight,
                activation_checkpointing=args.ckpt,
                pairs_per_micro_batch=float(np.mean([len(g) for g in groups])),
                reward_check=check)

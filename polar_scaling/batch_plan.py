@@ -3,15 +3,19 @@
 From a ladder size, the memory of one GPU, the world size and the tokens an optimizer step
 should hold, :func:`plan_batch` picks the packed row length, the rows per micro-batch, the
 gradient accumulation, the lowest ZeRO stage whose model states fit, and activation
-checkpointing only when a row does not fit without it. Memory is estimated, not measured:
+checkpointing only when a row does not fit without it. Memory is estimated from constants
+calibrated on one H100 (1.8B shape, rows of 16,384, docs/gpu.md; the estimates land within
+1 GiB of the measured peaks, and ``headroom`` keeps 10% of the card free):
 
 - model states, bytes per parameter under DeepSpeed bf16 with a client AdamW: bf16 weights
-  2 (sharded by ZeRO-3), gradients 6 (bf16 plus the fp32 accumulation buffer; sharded by
-  ZeRO-2 and up), fp32 master weights and Adam moments 12 (sharded by ZeRO-1 and up);
+  2 (sharded by ZeRO-3), gradients 2 (sharded by ZeRO-2 and up), fp32 master weights and
+  Adam moments 12 (sharded by ZeRO-1 and up). With checkpointing the 1.8B run peaked at
+  31.7 GiB, so the states take at most ~16.5 bytes per parameter there;
 - activations, bytes per token per layer in bf16 with a flash-type attention kernel (no
-  L x L scores kept): ``30·d + 4·d_kv + 8·f`` (RMSNorm's fp32 copies, q/k/v, attention
-  output, the SwiGLU branches). With checkpointing each layer keeps only its input
-  (``2·d``) and one layer at a time is recomputed;
+  L x L scores kept): ``26·d + 4·d_kv + 6·f`` as transformers builds the layer (measured
+  68.2 GiB peak without checkpointing), ``18·d + 4·d_kv + 4·f`` with fused RMSNorm/SwiGLU/
+  RoPE kernels (polar_scaling/fused.py; measured 55.8 GiB). With checkpointing each layer
+  keeps only its input (``2·d``) and one layer at a time is recomputed;
 - a fixed 3 GiB for the CUDA context, communication buffers and allocator slack, and a
   ``headroom`` share of the card's memory that the plan may fill.
 
@@ -52,20 +56,23 @@ def state_bytes(size: ModelSize, zero_stage: int, world: int) -> float:
     """Model-state bytes per GPU (weights, gradients, master weights, Adam moments)."""
     n = total_params(size)
     weights = 2 / (world if zero_stage >= 3 else 1)
-    grads = 6 / (world if zero_stage >= 2 else 1)
+    grads = 2 / (world if zero_stage >= 2 else 1)
     optim = 12 / (world if zero_stage >= 1 else 1)
     return n * (weights + grads + optim)
 
 
-def layer_activation_bytes(size: ModelSize) -> int:
+def layer_activation_bytes(size: ModelSize, fused: bool = False) -> int:
     """Bytes one layer keeps per token for its backward pass (bf16, no checkpointing)."""
     kv_dim = size.kv_heads * size.head_dim
-    return 30 * size.hidden + 4 * kv_dim + 8 * size.ffn
+    if fused:
+        return 18 * size.hidden + 4 * kv_dim + 4 * size.ffn
+    return 26 * size.hidden + 4 * kv_dim + 6 * size.ffn
 
 
-def activation_bytes(size: ModelSize, tokens: int, checkpointing: bool) -> float:
+def activation_bytes(size: ModelSize, tokens: int, checkpointing: bool,
+                     fused: bool = False) -> float:
     """Activation bytes of a micro-batch of ``tokens`` packed tokens."""
-    per_layer = layer_activation_bytes(size)
+    per_layer = layer_activation_bytes(size, fused)
     if checkpointing:
         return tokens * (size.layers * 2 * size.hidden + per_layer)
     return tokens * size.layers * per_layer
@@ -78,11 +85,12 @@ def row_tokens_for(max_seq_len: int) -> int:
 
 def plan_batch(size: ModelSize, gpu_bytes: float, world: int, step_tokens: int,
                max_seq_len: int = POLAR_MAX_SEQ_LEN, headroom: float = 0.9,
-               min_zero_stage: int = 0) -> BatchPlan:
+               min_zero_stage: int = 0, fused: bool = False) -> BatchPlan:
     """The plan for ``size`` on ``world`` GPUs of ``gpu_bytes`` each.
 
     ``step_tokens``: packed tokens (slots) one optimizer step should hold across all GPUs;
-    the plan's step holds at least that many. Raises ValueError when even ZeRO-3 with
+    the plan's step holds at least that many; ``fused``: fused kernels are on (smaller
+    activations, polar_scaling/fused.py). Raises ValueError when even ZeRO-3 with
     checkpointing and one row per micro-batch does not fit.
     """
     if world < 1 or step_tokens < 1:
@@ -95,13 +103,13 @@ def plan_batch(size: ModelSize, gpu_bytes: float, world: int, step_tokens: int,
     for stage in stages:
         free = budget - state_bytes(size, stage, world)
         for ckpt in (False, True):
-            rows = int(free // activation_bytes(size, row, ckpt)) if free > 0 else 0
+            rows = int(free // activation_bytes(size, row, ckpt, fused)) if free > 0 else 0
             if rows < 1:
                 continue
             rows = min(rows, rows_wanted)
             accum = math.ceil(rows_wanted / rows)
             peak = FIXED_BYTES + state_bytes(size, stage, world) + activation_bytes(
-                size, rows * row, ckpt)
+                size, rows * row, ckpt, fused)
             return BatchPlan(row, rows, accum, stage, ckpt, round(peak / GIB, 1))
     raise ValueError(
         f"size {size.name} ({total_params(size) / 1e9:.2f}B parameters) does not fit "

@@ -55,9 +55,10 @@ class EngineArgs:
     # sweep runs one job per core (measured 20-40x slower with 2 threads on shared cores);
     # 0 keeps torch's default.
     cpu_threads: int = field(default=1, metadata={"ge": 0})
-    # Fused RMSNorm/SwiGLU/RoPE kernels (polar_scaling/fused.py): none, compile,
-    # compile_layers or liger. Which is fastest on a card is measured in docs/gpu.md.
-    fused_kernels: str = field(default="none", metadata={"choices": list(FUSED_KERNELS)})
+    # Fused RMSNorm/SwiGLU/RoPE kernels (polar_scaling/fused.py): auto (liger on CUDA where
+    # installed, else none), none, compile, compile_layers or liger. docs/gpu.md has the
+    # measured speed of each on an H100.
+    fused_kernels: str = field(default="auto", metadata={"choices": list(FUSED_KERNELS)})
 
     def __post_init__(self):
         check(not (self.offload_optimizer and self.zero_stage == 0), "offload_optimizer",

@@ -147,6 +147,18 @@ def _torch_varlen(q, k, v, cu, max_len, scale):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
+def _flash_dtype(q, k, v):
+    """The flash kernel takes fp16/bf16 only. Under autocast, rotary embeddings (fp32 cos and
+    sin) promote q and k to fp32, and a custom op is not cast by autocast: cast here."""
+    if q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype == v.dtype:
+        return q, k, v
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    raise ValueError(f"{VARLEN} on CUDA needs fp16 or bf16 activations (got {q.dtype}); "
+                     "train in bf16 or run under torch.autocast")
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None,
                              dropout=0.0, position_ids=None, **kwargs):
     """transformers attention interface: ``query [B, H, T, D]`` -> ``([B, T, H, D], None)``."""
@@ -163,6 +175,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
     scale = scaling if scaling is not None else d ** -0.5
     if q.is_cuda:
+        q, k, v = _flash_dtype(q, k, v)
         out = _torch_varlen(q, k, v, cu, max_len, scale)
     else:
         out = _reference_varlen(q, k, v, cu, scale)

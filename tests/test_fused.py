@@ -65,7 +65,37 @@ def test_none_leaves_the_model_alone_and_bad_names_are_refused():
     assert all(layer.mlp._compiled_call_impl is None for layer in m.model.layers)
     with pytest.raises(ValueError, match="unknown fused kernels 'fast'"):
         fuse_kernels(m, "fast")
-    assert set(FUSED_KERNELS) == {"none", "compile", "compile_layers", "liger"}
+    assert set(FUSED_KERNELS) == {"auto", "none", "compile", "compile_layers", "liger"}
+
+
+def test_auto_is_liger_on_cuda_only_where_installed(monkeypatch):
+    import importlib.util
+
+    from polar_scaling import fused
+
+    real = importlib.util.find_spec
+    assert fused.resolve_fused("compile", "cuda") == "compile"
+    assert fused.resolve_fused("auto", "cpu") == "none"
+    monkeypatch.setattr(fused.importlib.util, "find_spec",
+                        lambda name: object() if name in ("liger_kernel", "triton") else real(name))
+    assert fused.resolve_fused("auto", "cuda") == "liger"
+    assert fused.resolve_fused("auto", "cpu") == "none"
+    monkeypatch.setattr(fused.importlib.util, "find_spec",
+                        lambda name: None if name == "liger_kernel" else real(name))
+    assert fused.resolve_fused("auto", "cuda") == "none"
+    # On this CPU machine auto leaves a model untouched.
+    m = make_model()
+    fuse_kernels(m, "auto")
+    assert all(layer.mlp._compiled_call_impl is None for layer in m.model.layers)
+
+
+def test_varlen_kernel_takes_half_precision_or_autocast():
+    from polar_scaling.packed_attention import _flash_dtype
+
+    q = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in _flash_dtype(q, q, q))
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        _flash_dtype(q.float(), q.float(), q.float())
 
 
 def test_liger_needs_cuda_and_says_so():

@@ -241,24 +241,42 @@ def test_cpu_device_helpers():
 def test_state_bytes_shard_with_zero_stage():
     s = get_size("1.8B")
     n = total_params(s)
-    assert state_bytes(s, 0, 8) == pytest.approx(20 * n)
-    assert state_bytes(s, 1, 8) == pytest.approx((2 + 6 + 12 / 8) * n)
-    assert state_bytes(s, 2, 8) == pytest.approx((2 + 18 / 8) * n)
-    assert state_bytes(s, 3, 8) == pytest.approx(20 / 8 * n)
+    assert state_bytes(s, 0, 8) == pytest.approx(16 * n)
+    assert state_bytes(s, 1, 8) == pytest.approx((2 + 2 + 12 / 8) * n)
+    assert state_bytes(s, 2, 8) == pytest.approx((2 + 14 / 8) * n)
+    assert state_bytes(s, 3, 8) == pytest.approx(16 / 8 * n)
+
+
+def test_plan_estimates_match_the_measured_h100_peaks():
+    """The constants reproduce the peaks measured on one H100 (docs/gpu_runs/...-h100-b)."""
+    runs = ROOT / "docs" / "gpu_runs" / "2026-11-26-h100-b"
+    size = get_size("1.8B")
+    card = 79.18 * GIB  # what torch reports for an H100 80GB HBM3
+    for name, fused in [("mfu_none_nockpt_ga4_profile", False), ("mfu_liger_nockpt_ga4", True)]:
+        r = json.loads((runs / f"{name}.json").read_text())
+        measured = r["packed"]["mem_peak_gib"]
+        assert not r["packed"]["activation_checkpointing"] and r["packed"]["row_tokens"] == 16384
+        plan = plan_batch(size, card, world=1, step_tokens=16384, fused=fused)
+        assert (plan.rows, plan.activation_checkpointing) == (1, False)
+        assert abs(plan.est_peak_gib - measured) < 2.0, (name, plan.est_peak_gib, measured)
 
 
 def test_plans_along_the_ladder():
     h100 = 80 * GIB
+    # Measured: a 16,384-token row of the 1.8B shape trains without checkpointing on 80 GB.
     p18 = plan_batch(get_size("1.8B"), h100, world=1, step_tokens=1 << 20)
-    assert (p18.row_tokens, p18.zero_stage, p18.activation_checkpointing) == (16384, 0, True)
+    assert (p18.row_tokens, p18.zero_stage, p18.activation_checkpointing) == (16384, 0, False)
     assert p18.step_tokens(1) >= 1 << 20 and p18.est_peak_gib <= 0.9 * 80
+    # Fused kernels leave room for more rows of a smaller model.
     p500 = plan_batch(get_size("500M"), h100, world=1, step_tokens=1 << 20)
+    p500f = plan_batch(get_size("500M"), h100, world=1, step_tokens=1 << 20, fused=True)
     assert not p500.activation_checkpointing and p500.zero_stage == 0
+    assert p500f.rows > p500.rows
     p7 = plan_batch(get_size("7B"), h100, world=8, step_tokens=1 << 21)
-    assert p7.activation_checkpointing and p7.zero_stage >= 2
+    assert p7.activation_checkpointing and p7.zero_stage >= 1
     assert p7.step_tokens(8) >= 1 << 21 and p7.est_peak_gib <= 0.9 * 80
     p7_small = plan_batch(get_size("7B"), 40 * GIB, world=8, step_tokens=1 << 21)
-    assert p7_small.zero_stage == 3 and p7_small.activation_checkpointing
+    assert p7_small.zero_stage > p7.zero_stage and p7_small.activation_checkpointing
     assert plan_batch(get_size("7B"), h100, 8, 1 << 21, min_zero_stage=3).zero_stage == 3
     with pytest.raises(ValueError, match="does not fit"):
         plan_batch(get_size("7B"), h100, world=1, step_tokens=1 << 20)
