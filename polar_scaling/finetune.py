@@ -173,7 +173,8 @@ class EpochSource:
     over its own permutation of them; a pure function of the step, like its parts."""
 
     def __init__(self, data, epochs: int, batch_size: int, micro: int, world: int, pad_id: int,
-                 flops_fn, seed: int, bucket_steps: int, row_tokens: int | None = None):
+                 flops_fn, seed: int, bucket_steps: int, row_tokens: int | None = None,
+                 compact: bool = False):
         from polar_scaling.pairs import PairData, PairStepSource
 
         self.parts = []
@@ -187,7 +188,7 @@ class EpochSource:
             self.parts.append(PairStepSource(
                 part, batch_size, micro, world, pad_id, flops_fn,
                 budget_tokens=float(part.tokens()[:whole].sum()), seed=seed + e,
-                bucket_steps=bucket_steps, row_tokens=row_tokens))
+                bucket_steps=bucket_steps, row_tokens=row_tokens, compact=compact))
         self.micro_batch = self.parts[0].micro_batch
         self.grad_accum = self.parts[0].grad_accum
         self._ends = np.cumsum([p.num_steps for p in self.parts])
@@ -246,7 +247,8 @@ def finetune(args: FinetuneArgs, run: RunDir) -> dict:
     layout.apply(model)
     source = EpochSource(train_pairs, args.epochs, args.batch.size, micro, world, pad,
                          lambda lens: train_flops(size, lens, head="reward"), args.seed,
-                         args.data.bucket_steps, row_tokens=layout.row_tokens)
+                         args.data.bucket_steps, row_tokens=layout.row_tokens,
+                         compact=layout.compact)
 
     def evaluate(module):
         row = {}

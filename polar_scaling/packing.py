@@ -55,6 +55,26 @@ class PackedBatch:
         return PackedBatch(self.input_ids.reshape(1, -1), self.position_ids.reshape(1, -1),
                            self.score_index, self.seq_lens)
 
+    def compact(self) -> PackedBatch:
+        """The sequences alone, back to back in one row ``[1, real_tokens]``: no padding.
+
+        For kernels that take sequence boundaries from ``position_ids`` over a flattened
+        batch (``polar_varlen``, flash attention), a row's width is arbitrary, so the
+        padding tails of packed rows are dropped rather than computed. Every sequence still
+        starts at position 0; ``score_index`` points into the new row.
+        """
+        ends = self.score_index.reshape(-1)
+        starts = ends - self.seq_lens + 1
+        slot = torch.zeros(self.input_ids.numel() + 1, dtype=torch.long)
+        slot.index_add_(0, starts.cpu(), torch.ones_like(starts.cpu()))
+        slot.index_add_(0, (ends + 1).cpu(), -torch.ones_like(ends.cpu()))
+        real = slot[:-1].cumsum(0) > 0
+        real = real.to(self.input_ids.device)
+        new_index = real.long().cumsum(0) - 1
+        return PackedBatch(self.input_ids.reshape(-1)[real].unsqueeze(0),
+                           self.position_ids.reshape(-1)[real].unsqueeze(0),
+                           new_index[self.score_index], self.seq_lens)
+
     def to(self, device) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device),
                            self.score_index.to(device), self.seq_lens.to(device))

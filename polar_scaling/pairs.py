@@ -55,12 +55,13 @@ def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 def collate_pairs(data: PairData, index: np.ndarray, pad_id: int, swap: np.ndarray | None = None,
-                  row_tokens: int | None = None):
+                  row_tokens: int | None = None, compact: bool = False):
     """One forward-pass batch for pairs ``index``; ``swap[i]`` exchanges pair i's sides.
 
     Padded (``{"input_ids", "attention_mask"}``, rows ``[chosen..., rejected...]``), or with
     ``row_tokens`` a :class:`~polar_scaling.packing.PackedBatch` whose scores come out in
-    the same order.
+    the same order; ``compact`` drops the rows' padding tails (one row of the sequences
+    alone, for kernels that read boundaries from positions: PackedBatch.compact).
     """
     chosen = [data.chosen[i] for i in index]
     rejected = [data.rejected[i] for i in index]
@@ -69,7 +70,8 @@ def collate_pairs(data: PairData, index: np.ndarray, pad_id: int, swap: np.ndarr
             if swap[i]:
                 chosen[j], rejected[j] = rejected[j], chosen[j]
     if row_tokens:
-        return pack_pairs(chosen, rejected, row_tokens, pad_id, fit_width=True)
+        packed = pack_pairs(chosen, rejected, row_tokens, pad_id, fit_width=True)
+        return packed.compact() if compact else packed
     ids, mask = pad_right(chosen + rejected, pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
@@ -138,11 +140,12 @@ class PairStepSource:
     def __init__(self, data: PairData, batch_size: int, micro: int, world: int, pad_id: int,
                  flops_fn, budget_tokens: float | None = None, budget_flops: float | None = None,
                  seed: int = 0, bucket_steps: int = 16, swap: np.ndarray | None = None,
-                 row_tokens: int | None = None):
+                 row_tokens: int | None = None, compact: bool = False):
         if batch_size % (micro * world):
             raise StageError(f"batch.size {batch_size} is not a multiple of batch.micro {micro} "
                              f"x world size {world}")
         self.data, self.pad_id, self.swap, self.row_tokens = data, pad_id, swap, row_tokens
+        self.compact = compact
         self.batch_size, self.micro_batch = batch_size, micro
         self.grad_accum = batch_size // (micro * world)
         n_steps_max = len(data) // batch_size
@@ -178,7 +181,7 @@ class PairStepSource:
         per_rank = len(index) // world
         mine = index[rank * per_rank:(rank + 1) * per_rank]
         return [collate_pairs(self.data, mine[i:i + self.micro_batch], self.pad_id, self.swap,
-                              self.row_tokens)
+                              self.row_tokens, self.compact)
                 for i in range(0, len(mine), self.micro_batch)]
 
     def step_tokens(self, step: int) -> int:
@@ -217,7 +220,7 @@ def _bucketed_order(tokens: np.ndarray, batch_size: int, bucket_steps: int, seed
 @torch.no_grad()
 def evaluate_pairs(model, data: PairData, pad_id: int, batch: int = 64,
                    bins: np.ndarray | None = None, row_tokens: int | None = None,
-                   attention: str = "sdpa") -> dict:
+                   attention: str = "sdpa", compact: bool = False) -> dict:
     """Mean BT loss and accuracy over all pairs (split across ranks, summed with all-reduce).
 
     ``bins[i]`` (optional int labels) adds per-bin accuracy as ``acc_bin{k}`` / ``n_bin{k}``.
@@ -243,7 +246,7 @@ def evaluate_pairs(model, data: PairData, pad_id: int, batch: int = 64,
             part, weight = index[:1], 0.0  # a dummy pass keeps ranks in step
         else:
             weight = 1.0
-        b = collate_pairs(data, part, pad_id, row_tokens=row_tokens)
+        b = collate_pairs(data, part, pad_id, row_tokens=row_tokens, compact=compact)
         scores = score_batch(model, b, attention).double().cpu()
         chosen, rejected = pair_scores(scores)
         correct = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()

@@ -117,7 +117,7 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
         flops_fn=lambda lens: train_flops(size, lens, head="reward"),
         budget_tokens=args.budget.tokens, budget_flops=args.budget.flops,
         seed=args.seed, bucket_steps=args.data.bucket_steps, swap=swap,
-        row_tokens=layout.row_tokens)
+        row_tokens=layout.row_tokens, compact=layout.compact)
     final_step = source.num_steps
     def evaluate(module):
         """Held-out loss and accuracy; accuracy by bins of true policy KL goes to

@@ -105,12 +105,22 @@ class BatchLayout:
 
         return functools.partial(pair_loss, attention=self.attention)
 
+    @property
+    def compact(self) -> bool:
+        """Packed micro-batches lose their padding tails: the kernel reads sequence bounds
+        from positions over a flattened batch, so a row's width is free (no pad computed)."""
+        from polar_scaling.packed_attention import VARLEN, needs_one_row
+
+        return self.packed and (self.attention == VARLEN or needs_one_row(self.attention))
+
     def eval_kwargs(self) -> dict:
         """Keyword arguments of :func:`polar_scaling.pairs.evaluate_pairs` for this layout."""
-        return {"row_tokens": self.row_tokens, "attention": self.attention}
+        return {"row_tokens": self.row_tokens, "attention": self.attention,
+                "compact": self.compact}
 
     def summary(self) -> dict:
-        return {"packing": self.packed, "attention": self.attention, "row_tokens": self.row_tokens}
+        return {"packing": self.packed, "attention": self.attention, "row_tokens": self.row_tokens,
+                "compact_rows": self.compact}
 
 
 def resolve_layout(batch: PairBatchArgs, attention: str, device_type: str) -> tuple[bool, str]:

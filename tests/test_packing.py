@@ -96,6 +96,22 @@ def test_flattened_rows_give_the_same_rewards(model, padded_rewards):
     use_attention(model, "sdpa")
 
 
+def test_compact_rows_drop_padding_and_give_the_same_rewards(model, padded_rewards):
+    packed = pack_sequences(random_seqs(LENGTHS), ROW, PAD)
+    batch = packed.compact()
+    assert packed.pad_share > 0.02  # there was padding to drop (4 of 128 slots)
+    assert batch.input_ids.shape == (1, sum(LENGTHS)) and batch.pad_share == 0.0
+    # The reward tokens are the same tokens, in the same order.
+    assert torch.equal(batch.input_ids.reshape(-1)[batch.score_index],
+                       packed.input_ids.reshape(-1)[packed.score_index])
+    for impl in ("sdpa", "polar_varlen"):
+        use_attention(model, impl)
+        with torch.no_grad():
+            out = model(**packed_inputs(batch, impl))
+        assert torch.allclose(out, padded_rewards, atol=1e-5, rtol=0), impl
+    use_attention(model, "sdpa")
+
+
 def test_positions_that_do_not_restart_leak_between_sequences(model, padded_rewards):
     batch = pack_sequences(random_seqs(LENGTHS), ROW, PAD)
     leaky = torch.arange(ROW).expand_as(batch.input_ids).contiguous()

@@ -117,6 +117,17 @@ def test_packing_pads_less_than_bucketing_on_mixed_lengths():
         assert packed_bucketed < 0.05 and packed < 0.12, micro
 
 
+def test_compact_packed_steps_hold_the_same_sequences_without_padding():
+    data = make_pairs()
+    packed = source(data, micro=8, bucket_steps=1, row_tokens=256)
+    compact = source(data, micro=8, bucket_steps=1, row_tokens=256, compact=True)
+    assert packed.pad_share(4) > 0.01 and compact.pad_share(4) == 0.0
+    for step in range(4):
+        for a, b in zip(packed.micro_batches(step, 0, 1), compact.micro_batches(step, 0, 1),
+                        strict=True):
+            assert unpack(a) == unpack(b) and b.input_ids.shape[0] == 1
+
+
 def test_fit_row_width_never_needs_more_slots_than_padding():
     from polar_scaling.packing import first_fit_decreasing, fit_row_width
 
@@ -162,6 +173,11 @@ def test_layout_resolution():
     packed, impl = resolve_layout(batch(), "auto", "cuda")
     assert packed and impl in ("flash_attention_2", "polar_varlen")
     assert resolve_layout(batch("packing=on"), "polar_varlen", "cpu") == (True, "polar_varlen")
+    from polar_scaling.stage_args import BatchLayout
+
+    assert BatchLayout(True, "polar_varlen", 64).compact
+    assert BatchLayout(True, "flash_attention_2", 64).compact
+    assert not BatchLayout(True, "sdpa", 64).compact and not BatchLayout(False, "sdpa", None).compact
     with pytest.raises(StageError, match="model.attention=polar_varlen reads packed rows only"):
         resolve_layout(batch(), "polar_varlen", "cpu")
     with pytest.raises(StageError, match="flex_attention has no backward pass on CPU"):
@@ -220,7 +236,7 @@ def test_padded_auto_layout_keeps_the_models_kernel():
     layout = BatchLayout.resolve(PairBatchArgs(), "auto", sets, device_type="cpu")
     layout.apply(model)
     assert model.config._attn_implementation == "eager" and layout.summary() == {
-        "packing": False, "attention": "eager", "row_tokens": None}
+        "packing": False, "attention": "eager", "row_tokens": None, "compact_rows": False}
     packed = load_config(PairBatchArgs, None, ["packing=on"])
     layout = BatchLayout.resolve(packed, "auto", sets, device_type="cpu")
     layout.apply(model)
