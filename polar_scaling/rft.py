@@ -50,6 +50,10 @@ class PolicyArgs:
     init: str = "f0m0"  # a pool policy id of data.dir's world, or a local causal-LM folder
     target: str | None = "f1m0"  # writes the references; None: references from data.prompts
     trust_remote_code: bool = False
+    # False: EOS is suppressed for every policy of the run (init, target, actor), so
+    # rollouts, references and the true-KL samples are all exactly max_new_tokens long and
+    # the true KL (of these fixed-length distributions) can only move through content.
+    allow_eos: bool = True
 
 
 @dataclass
@@ -57,10 +61,18 @@ class RewardArgs:
     mode: Literal["rm", "untrained_rm", "random", "oracle"] = "rm"
     model: str | None = None  # a reward-model folder (a pretrain run's RUN/model)
     batch_size: int = field(default=64, metadata={"ge": 1})
+    # Target references per prompt; a rollout's reward is its mean RM score over them (less
+    # reward noise than one reference). More than one needs policy.target.
+    references: int = field(default=1, metadata={"ge": 1})
+    # Scores per prompt group (the samples_per_prompt rollouts of one prompt) before the KL
+    # penalty: none; group (minus the group mean); group_whiten (also over the group's sd).
+    normalize: Literal["none", "group", "group_whiten"] = "none"
 
     def __post_init__(self):
         check(self.mode not in ("rm", "untrained_rm") or self.model is not None, "model",
               f"reward.mode={self.mode} needs reward.model (a reward-model folder)")
+        check(self.mode != "oracle" or self.normalize == "none", "normalize",
+              "the oracle's reward is per token: use reward.normalize=none")
 
 
 @dataclass
@@ -156,6 +168,11 @@ class RFTArgs:
               "rollouts run generate on the actor's full weights: use ZeRO 0-2")
         check(self.reward.mode != "oracle" or self.policy.target is not None, "reward.mode",
               "the oracle reward needs policy.target")
+        check(self.reward.references == 1 or self.policy.target is not None,
+              "reward.references", "several references per prompt need policy.target "
+              "(a prompt file holds one reference per prompt)")
+        check(self.reward.normalize == "none" or self.rollout.samples_per_prompt > 1,
+              "reward.normalize", "group normalisation needs rollout.samples_per_prompt > 1")
 
 
 ARGS = RFTArgs  # the sweep manager looks the stage's config class up by this name

@@ -22,6 +22,7 @@ from polar_scaling.rft_ppo import (
     collate_rollouts,
     gae,
     gather_positions,
+    normalize_groups,
     policy_loss,
     token_logprobs,
     token_rewards,
@@ -50,7 +51,8 @@ class PPOStep:
         self.args, self.run, self.rank, self.world = args, run, rank, world
         s = self.setup = load_setup(args.data.dir, args.data.prompts, args.policy.init,
                                     args.policy.target, args.eval.prompts,
-                                    args.rollout.max_new_tokens, args.policy.trust_remote_code)
+                                    args.rollout.max_new_tokens, args.policy.trust_remote_code,
+                                    args.policy.allow_eos)
         mode = args.reward.mode
         if mode in ("rm", "untrained_rm"):
             untrained = derive_seed(args.seed, "untrained-rm") if mode == "untrained_rm" else None
@@ -111,9 +113,10 @@ class PPOStep:
             if a.reward.mode == "random":
                 scores = self.reward.scores(n, step, self.rank)
             else:
-                eos = s.init.eos_ids
-                scores = self.reward(prompts, refs, [strip_eos(y, eos) for y in responses])
-            rewards = token_rewards(scores, batch.mask, old_logp, ref_logp, a.ppo.kl_coef)
+                scores = self.score(prompts, refs, responses)
+            rewards = token_rewards(normalize_groups(scores, a.rollout.samples_per_prompt,
+                                                     a.reward.normalize),
+                                    batch.mask, old_logp, ref_logp, a.ppo.kl_coef)
         adv, returns = gae(rewards, values, batch.mask, a.ppo.gamma, a.ppo.lam)
         m = batch.mask
         count, adv_sum, adv_sq = self._sum([m.sum(), (adv * m).sum(), (adv ** 2 * m).sum()])
@@ -149,18 +152,30 @@ class PPOStep:
                   "tokens_per_s": tokens / max(t3 - t0, 1e-9)}
         return row, timing
 
+    def score(self, prompts, refs, responses) -> torch.Tensor:
+        """Each rollout's mean RM score over its references (rollouts without EOS)."""
+        k = len(refs[0])
+        cands = [strip_eos(y, self.setup.init.eos_ids) for y in responses]
+        flat = self.reward([p for p in prompts for _ in range(k)],
+                           [r for rs in refs for r in rs],
+                           [c for c in cands for _ in range(k)])
+        return flat.view(len(responses), k).mean(1)
+
     def rollout(self, step: int):
-        """This rank's prompts, references and actor samples of ``step``, collated."""
+        """This rank's prompts, actor samples and their references (a list of
+        ``reward.references`` per rollout) of ``step``; the rollouts collated."""
         a, s = self.args, self.setup
         idx = step_prompts(len(s.train_prompts), step, a.rollout.prompts_per_step, self.rank,
                            self.world, a.seed)
         prompts = [s.train_prompts[i] for i in idx]
         if s.references is not None:
-            refs = [s.references[i] for i in idx]
+            refs = [[s.references[i]] for i in idx]
         else:
             seed = derive_seed(a.seed, "reference", step, self.rank)
-            refs = [strip_eos(y, s.target.eos_ids) for y in s.target.generate(
-                prompts, 1, seed=seed, max_new_tokens=s.max_new_tokens)]
+            kr = a.reward.references
+            flat = [strip_eos(y, s.target.eos_ids) for y in s.target.generate(
+                prompts, kr, seed=seed, max_new_tokens=s.max_new_tokens)]
+            refs = [flat[i * kr:(i + 1) * kr] for i in range(len(prompts))]
         k = a.rollout.samples_per_prompt
         self.actor.module.eval()
         responses = self.policy.generate(prompts, k, seed=derive_seed(a.seed, "rollout", step,

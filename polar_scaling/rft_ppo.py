@@ -117,6 +117,21 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor |
     return rewards
 
 
+def normalize_groups(scores: torch.Tensor, group_size: int, mode: str) -> torch.Tensor:
+    """Sequence scores with each group of ``group_size`` consecutive rollouts (one prompt's
+    samples) centred on its mean (``group``), and also divided by its sd (``group_whiten``;
+    a group whose scores are all equal becomes 0); ``none`` returns them unchanged."""
+    if mode == "none":
+        return scores
+    g = scores.double().view(-1, group_size)
+    out = g - g.mean(1, keepdim=True)
+    if mode == "group_whiten":
+        out = out / g.std(1, unbiased=False, keepdim=True).clamp(min=1e-8)
+    elif mode != "group":
+        raise ValueError(f"unknown normalisation {mode!r}")
+    return out.view(-1)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates and returns, both [N, T], zero where ``mask`` is False.

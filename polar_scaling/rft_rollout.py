@@ -58,6 +58,14 @@ def actor_view(template: HFPolicy, model, sampling: SamplingConfig,
                     sampling=sampling)
 
 
+def without_eos(policy: HFPolicy) -> HFPolicy:
+    """The policy with its EOS ids suppressed (sharing its model): it always writes
+    ``max_new_tokens`` tokens, and its log-distributions are renormalised over the rest."""
+    p = copy.copy(policy)
+    p.suppress_ids = sorted(set(policy.suppress_ids) | set(policy.eos_ids))
+    return p
+
+
 def trainable_copy(policy: HFPolicy) -> torch.nn.Module:
     """A copy of the policy's model with gradients on (the actor)."""
     model = copy.deepcopy(policy.model)
@@ -74,8 +82,9 @@ def _is_folder(spec: str) -> bool:
 
 def load_setup(data_dir: str | None, prompts_file: str | None, init: str, target: str | None,
                eval_prompts: int, max_new_tokens: int | None,
-               trust_remote_code: bool = False) -> Setup:
-    """Resolve the policies and prompts of a run; every problem is a StageError/ConfigError."""
+               trust_remote_code: bool = False, allow_eos: bool = True) -> Setup:
+    """Resolve the policies and prompts of a run; every problem is a StageError/ConfigError.
+    With ``allow_eos=False`` both policies come back with EOS suppressed (fixed length)."""
     world = manifest = tokenizer = None
     sampling = SamplingConfig()
     if data_dir is not None:
@@ -111,6 +120,9 @@ def load_setup(data_dir: str | None, prompts_file: str | None, init: str, target
                                  "the dataset's" if manifest else "policy.init's")
     if init_policy.model.config.vocab_size != (target_policy or init_policy).model.config.vocab_size:
         raise StageError("policy.init and policy.target have different vocabularies")
+    if not allow_eos:
+        init_policy = without_eos(init_policy)
+        target_policy = without_eos(target_policy) if target_policy is not None else None
 
     references = None
     if prompts_file is not None:

@@ -21,6 +21,7 @@ from polar_scaling.errors import StageError
 from polar_scaling.rft_ppo import (
     collate_rollouts,
     gae,
+    normalize_groups,
     policy_loss,
     token_logprobs,
     token_rewards,
@@ -99,6 +100,19 @@ def test_value_loss_takes_the_larger_of_plain_and_clipped_error():
     # token 0 moved 0.9 (clipped to 0.2: error 0.64 > 0.01); token 1 stays inside the clip.
     assert value_loss(values, old, ret, mask, 0.2).item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
     assert value_loss(values, old, ret, mask, None).item() == pytest.approx(0.5 * (0.01 + 0.81) / 2)
+
+
+def test_group_normalisation_centres_and_whitens_each_prompts_rollouts():
+    scores = torch.tensor([1.0, 3.0, 2.0, 10.0, 10.0, 10.0, -1.0, 0.0, 4.0])
+    assert torch.equal(normalize_groups(scores, 3, "none"), scores)
+    centred = normalize_groups(scores, 3, "group").view(3, 3)
+    assert torch.allclose(centred.sum(1), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert centred[0].tolist() == pytest.approx([-1.0, 1.0, 0.0])
+    white = normalize_groups(scores, 3, "group_whiten").view(3, 3)
+    assert white[0].std(unbiased=False).item() == pytest.approx(1.0)
+    assert white[2].std(unbiased=False).item() == pytest.approx(1.0)
+    assert white[1].tolist() == [0.0, 0.0, 0.0]  # equal scores: no signal, not NaN
+    assert white[2].tolist() == pytest.approx((centred[2] / centred[2].std(unbiased=False)).tolist())
 
 
 def test_batch_layout_gives_the_policys_exact_log_probabilities(tiny_dataset):
@@ -227,6 +241,47 @@ def test_random_reward_moves_the_policy_but_not_toward_the_target(tiny_dataset, 
     assert summary["true_kl_fall"] < 0.15, summary  # ...but not to the target
 
 
+def test_fixed_length_run_suppresses_eos_for_every_policy_and_averages_references(
+        tiny_dataset, rm_dir, tmp_path, one_thread):
+    # policy.allow_eos=false: rollouts, references and the true-KL samples all run to the
+    # cap (the tiny world's policies otherwise stop early), so length cannot move the KL.
+    from polar_scaling.config import load_config
+    from polar_scaling.rft import RFTArgs
+    from polar_scaling.rft_loop import PPOStep
+    from polar_scaling.rft_rollout import load_setup
+    from polar_scaling.rundir import RunDir
+
+    free = load_setup(str(tiny_dataset), None, "f0m0", "f1m0", 4, None)
+    lengths = [len(y) for y in free.init.generate(free.train_prompts[:64], 1, seed=0)]
+    assert min(lengths) < free.max_new_tokens  # the check below can fail
+    overrides = [f"data.dir={tiny_dataset}", f"reward.model={rm_dir}", "reward.mode=rm",
+                 "policy.allow_eos=false", "reward.references=3",
+                 "reward.normalize=group_whiten", "budget.steps=3", "schedule.eval_points=2",
+                 "schedule.checkpoint_every=100", *SMALL]
+    run = tmp_path / "fixed"
+    run_stage("rft", None, overrides, run)
+    rows = read_jsonl(run / "metrics.jsonl")
+    cap = free.max_new_tokens
+    assert all(r["response_length"] == cap for r in rows if "reward_mean" in r)
+    evals = [r for r in rows if "true_kl" in r]
+    assert all(r["eval_response_length"] == cap for r in evals)
+    assert evals[0]["true_kl_per_token"] == pytest.approx(evals[0]["true_kl"] / cap)
+
+    args = load_config(RFTArgs, None, overrides)
+    (tmp_path / "probe").mkdir()
+    ppo = PPOStep(args, RunDir(tmp_path / "probe"), 0, 1)
+    eos = ppo.setup.init.eos_ids
+    _, prompts, responses, refs = ppo.rollout(0)
+    assert all(len(rs) == 3 for rs in refs) and all(len(y) == cap for y in responses)
+    assert all(len(r) == cap and not set(r) & set(eos) for rs in refs for r in rs)
+    assert refs[0] != [refs[0][0]] * 3  # three different target samples
+    one_by_one = torch.stack([ppo.reward(prompts, [rs[j] for rs in refs], responses)
+                              for j in range(3)]).mean(0)
+    assert torch.allclose(ppo.score(prompts, refs, responses), one_by_one, atol=1e-9)
+    logp, _ = ppo.setup.target.log_distributions(prompts[:4], responses[:4])
+    assert torch.isinf(logp[..., eos]).all()  # EOS has probability 0 under the target too
+
+
 # ------------------------------------------------------------------------------ resume
 
 
@@ -320,6 +375,10 @@ def test_local_policy_folder_with_another_tokenizer_is_refused(tiny_dataset, rm_
     (["engine.zero_stage=3"], "engine.zero_stage"),
     (["budget.steps=5", "budget.tokens=1e5"], "budget.steps"),
     (["policy.target=null", "reward.mode=oracle"], "reward.mode"),
+    (["policy.target=null", "reward.references=2"], "reward.references"),
+    (["rollout.samples_per_prompt=1", "ppo.minibatch=32", "reward.normalize=group"],
+     "reward.normalize"),
+    (["reward.mode=oracle", "reward.normalize=group"], "reward.normalize"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, key):
     if key != "reward.model":
