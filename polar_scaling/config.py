@@ -94,7 +94,7 @@ def from_dict(cls: type[T], data: dict | None, source: str = "<config>", prefix:
     """Build dataclass ``cls`` from a mapping, checking keys, types and ranges recursively."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(source, prefix, f"expected a mapping, got {type(data).__name__}")
+        raise ConfigError(source, prefix.rstrip("."), f"expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -189,6 +189,11 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
                 return _coerce(arg, value, source, key)
             except ConfigError as e:
                 errors.append(e)
+        # One candidate type (Optional[X]), or a candidate that failed on a nested key (a
+        # section that was a mapping but held a bad value): its error names the real key.
+        deeper = [e for e in errors if e.key != key]
+        if len(errors) == 1 or deeper:
+            raise (errors[0] if len(errors) == 1 else deeper[0])
         names = " or ".join(_type_name(a) for a in args)
         raise ConfigError(source, key, f"expected {names}, got {value!r}")
     if origin is typing.Literal:

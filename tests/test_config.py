@@ -119,3 +119,19 @@ def test_missing_required_key():
 
     with pytest.raises(ConfigError, match="<config>: path: required key is missing"):
         from_dict(Needs, {})
+
+
+@dataclass
+class WithOptional:
+    inner: Inner | None = None
+
+
+def test_a_bad_key_inside_an_optional_section_is_named():
+    assert from_dict(WithOptional, {"inner": None}).inner is None
+    assert from_dict(WithOptional, {"inner": {"layers": 3}}).inner.layers == 3
+    with pytest.raises(ConfigError, match=r"inner\.layers: expected a value <= 8"):
+        from_dict(WithOptional, {"inner": {"layers": 9}})
+    with pytest.raises(ConfigError, match=r"inner\.depth: unknown key"):
+        from_dict(WithOptional, {"inner": {"depth": 9}})
+    with pytest.raises(ConfigError, match=r"<config>: inner: expected a mapping, got str"):
+        from_dict(WithOptional, {"inner": "x"})
