@@ -148,6 +148,23 @@ def test_packed_steps_equal_padded_steps(tiny_dataset, padded_run, tmp_path, att
     assert_same_run(padded_run, tmp_path / "packed")
 
 
+def test_compiled_kernels_give_the_plain_run(tiny_dataset, padded_run, tmp_path, one_thread):
+    """engine.fused_kernels reaches the engine and changes nothing but speed."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from polar_scaling.pretrain import run
+
+    torch._dynamo.reset()
+    counters.clear()
+    run(None, rm_args(tiny_dataset, *PACKING_CHECK, "batch.packing=off",
+                      "engine.fused_kernels=compile_layers"), tmp_path / "fused")
+    assert counters["stats"]["unique_graphs"] > 0  # the layers really ran compiled
+    config = (tmp_path / "fused" / "config.yaml").read_text()
+    assert "fused_kernels: compile_layers" in config
+    assert_same_run(padded_run, tmp_path / "fused")
+
+
 def test_bad_inputs_are_clear_errors(tiny_dataset, tmp_path):
     cases = [
         (["model.size=t9000"], "unknown model size 't9000'"),
