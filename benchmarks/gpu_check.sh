@@ -73,7 +73,7 @@ EOF
 #    Ordered by what the figures are needed for; the budget skips the tail.
 M="$PY benchmarks/gpu_mfu.py --size 1.8B --warmup 2 --steps 4 --attn polar_varlen --zero 0"
 # Which of these run: CHECK_RUNS (space-separated names; default all, in this order).
-RUNS=${CHECK_RUNS:-"none_nockpt_ga4_both liger_nockpt_ga4 compile_nockpt_ga4 liger_ckpt_ga4 none_nockpt_ga1"}
+RUNS=${CHECK_RUNS:-"none_nockpt_ga4_both compile_layers_nockpt_ga4_tight liger_nockpt_ga4_tight compile_layers_nockpt_ga4 liger_nockpt_ga4"}
 for r in $RUNS; do
     case $r in
         # The plain padded loop and our packed path in the same process: the ratio.
