@@ -130,4 +130,6 @@ for f in sorted(out.glob("mfu_*.json")):
               f"{x['pad_share']:>6.1%}{x.get('mem_peak_gib', 0):>6.1f}"
               f"{x['step_seconds_median']:>7.2f}{ratio:>6}")
 EOF
-echo "=== done in $((SECONDS - START))s; JSON and logs in $OUT"
+echo "=== done in $((SECONDS - START))s; JSON and logs in $OUT (all of them in $OUT/all.tgz)"
+# One archive as well: a device tool that brings back only a few files gets it first.
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz -- *.json *.log *.txt 2>/dev/null) || true
