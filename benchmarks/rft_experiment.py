@@ -13,15 +13,24 @@ finished runs and resumes unfinished ones):
    RM of the same size (random weights), a random reward, and the oracle reward
    ``log target - log π`` (what an exact reward could do at this budget); each in three
    regimes: no KL penalty (the paper's setting, 60 steps), a KL penalty of 1 to the initial
-   policy (60 steps), and KL penalty 3 with a 3x learning rate for 200 steps.
+   policy (60 steps), and KL penalty 3 with a 3x learning rate for 200 steps; and two
+   *fixed-length* regimes (``policy.allow_eos=false``: no policy may stop early, so the true
+   KL moves only through content and its per-token value is the headline): ``fixed_kl0``
+   (no KL penalty; the oracle too) and ``fixed_kl1`` (KL penalty 1, mean score over 4
+   target references, scores centred per prompt: the best of a small scan on seed 100).
 
 Printed (and written to ``ROOT/results.json``): per RM, accuracies and how often it ranks a
-target sample above an initial-policy sample; per regime and arm, the true KL of the policy
+target sample above an initial-policy sample; at fixed length, how the RM's score of the
+initial policy's own samples (mean over 4 target references) correlates, within each prompt,
+with the true log-ratio ``log target(y) - log init(y)`` (the direction a reward must favour
+to pull toward the target) and with the count of the target's three most frequent tokens;
+per regime and arm, the true KL of the policy
 to the target on held-out prompts before and after RFT (per sequence and per token, and the
 reverse KL(target‖π)), the distance moved from the initial policy, response lengths, and the
 curve of the mean KL over seeds at the evaluation steps; wall time of each phase.
 
     python benchmarks/rft_experiment.py --root runs/rft_experiment
+    python benchmarks/rft_experiment.py --regimes fixed_kl0 fixed_kl1 --jobs 1
 """
 
 from __future__ import annotations
@@ -76,10 +85,14 @@ ARMS = {
 # The paper's setting (no KL penalty); a KL penalty to the initial policy; and the best
 # setting of a small scan of KL coefficient and learning rate for the strong RM, done on
 # seed 100 (not one of the reported seeds) at 200 steps.
+FIXED = ["policy.allow_eos=false"]
 REGIMES = {"kl0": ["ppo.kl_coef=0"], "kl1": ["ppo.kl_coef=1.0"],
-           "kl3_long": ["ppo.kl_coef=3.0", "optim.lr=3e-3", "budget.steps=200"]}
+           "kl3_long": ["ppo.kl_coef=3.0", "optim.lr=3e-3", "budget.steps=200"],
+           "fixed_kl0": [*FIXED, "ppo.kl_coef=0"],
+           "fixed_kl1": [*FIXED, "ppo.kl_coef=1.0", "reward.references=4",
+                         "reward.normalize=group"]}
 # The oracle's reward already holds -log π: no KL penalty on top of it.
-SKIP = {("kl1", "oracle"), ("kl3_long", "oracle")}
+SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle")}
 
 
 def parse_args(argv=None):
@@ -95,7 +108,10 @@ def parse_args(argv=None):
 
 
 def polar_train(stage: str, run_dir: Path, overrides: list[str]) -> dict:
-    """Run one stage in a subprocess (one CPU thread); its done.json summary."""
+    """Run one stage in a subprocess (one CPU thread); its done.json summary. A finished run
+    directory is reused as it is (its config may predate newer config keys)."""
+    if (run_dir / "done.json").is_file():
+        return json.loads((run_dir / "done.json").read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TORCH_EXTENSIONS_DIR": str(ROOT_DIR / ".cache" / "torch_extensions")}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -121,6 +137,14 @@ def mean_sd(values, fmt: str = ".2f") -> str:
     return f"{v.mean():{fmt}} ± {sd:{fmt}}"
 
 
+def pct(values, spread: bool = False) -> str:
+    """Fractions as ``mean% ± sd`` (and ``[min, max]`` with ``spread``)."""
+    v = np.asarray(values, dtype=float) * 100
+    sd = v.std(ddof=1) if len(v) > 1 else 0.0
+    out = f"{v.mean():.0f}% ± {sd:.0f}"
+    return out + f" [{v.min():.0f}, {v.max():.0f}]" if spread else out
+
+
 def reward_gap(data: Path, rm: Path, n: int = 200) -> dict:
     """How the RM ranks a target sample against an initial-policy sample for the same prompt
     and target reference, on held-out prompts: P(target wins), mean score gap, score sd."""
@@ -139,6 +163,51 @@ def reward_gap(data: Path, rm: Path, n: int = 200) -> dict:
     t, i = (reward(prompts, refs, cand[k]).numpy() for k in ("target", "init"))
     return {"p_target_wins": float((t > i).mean()), "gap": float((t - i).mean()),
             "score_sd": float(np.concatenate([t, i]).std())}
+
+
+def reward_alignment(data: Path, rm: Path, untrained: bool = False, n: int = 200,
+                     samples: int = 8, refs: int = 4) -> dict:
+    """At fixed length, on held-out prompts: P(a target sample outscores an initial-policy
+    sample) against the same target reference; and among the initial policy's own samples
+    (``samples`` per prompt, scored as the mean over ``refs`` target references), the
+    within-prompt correlation of the score with the true log-ratio ``log t(y) - log init(y)``
+    and with the count of the target's three most frequent tokens."""
+    import torch
+
+    from polar_scaling.rft_rollout import RMReward, load_setup
+    from polar_scaling.world import derive_seed
+
+    torch.set_num_threads(1)
+    s = load_setup(str(data), None, "f0m0", "f1m0", n, None, allow_eos=False)
+    prompts = s.eval_prompts[:n]
+    reward = RMReward(rm, s.tokenizer, untrained_seed=derive_seed(0, "untrained-rm")
+                      if untrained else None)
+    references = s.target.generate(prompts, refs, seed=11)
+    rep = [p for p in prompts for _ in range(samples)]
+    init = s.init.generate(prompts, samples, seed=12, full_distribution=True)
+    target = s.target.generate(prompts, samples, seed=13, full_distribution=True)
+
+    def score(cands, j):  # against each prompt's j-th reference
+        return reward(rep, [references[(i // samples) * refs + j] for i in range(len(rep))],
+                      cands).numpy()
+
+    t_wins = float((score(target, 0) > score(init, 0)).mean())
+    scores = np.mean([score(init, j) for j in range(refs)], axis=0)
+    log_ratio = np.array([a.sum() - b.sum() for a, b in zip(
+        s.target.logprobs(rep, init), s.init.logprobs(rep, init), strict=True)])
+    counts = np.bincount(np.concatenate(references), minlength=len(s.tokenizer))
+    top = np.argsort(-counts)[:3]
+    frequent = np.array([np.isin(y, top).sum() for y in init], dtype=float)
+
+    def within(x, y):  # correlation of the within-prompt deviations
+        cx = x.reshape(-1, samples) - x.reshape(-1, samples).mean(1, keepdims=True)
+        cy = y.reshape(-1, samples) - y.reshape(-1, samples).mean(1, keepdims=True)
+        return float(np.corrcoef(cx.ravel(), cy.ravel())[0, 1])
+
+    return {"fixed_p_target_wins": t_wins,
+            "corr_score_log_ratio": within(scores, log_ratio),
+            "corr_score_frequent": within(scores, frequent),
+            "corr_log_ratio_frequent": within(log_ratio, frequent)}
 
 
 def run_evals(root: Path, regime: str, arm: str, seeds: int) -> list[list[dict]]:
@@ -162,6 +231,11 @@ def summarize_arm(evals: list[list[dict]]) -> dict:
         "kl_final": col(last, "true_kl"),
         "kl_fall": [1 - b["true_kl"] / a["true_kl"] for a, b in zip(first, last, strict=True)],
         "kl_min_on_curve": [min(r["true_kl"] for r in e) for e in evals],
+        "per_token_fall": [1 - b["true_kl_per_token"] / a["true_kl_per_token"]
+                           for a, b in zip(first, last, strict=True)],
+        # the best evaluation of each run: what a perfect early-stopping rule could keep
+        "per_token_best_fall": [1 - min(r["true_kl_per_token"] for r in e)
+                                / e[0]["true_kl_per_token"] for e in evals],
         "per_token_initial": float(np.mean(col(first, "true_kl_per_token"))),
         "per_token_final": col(last, "true_kl_per_token"),
         "reverse_initial": float(np.mean(col(first, "true_kl_reverse"))),
@@ -217,7 +291,10 @@ def main(argv=None) -> dict:
             "tokens": done["tokens"], "eval_accuracy": ev.get("eval_accuracy"),
             "eval_loss": ev.get("eval_loss"),
             "heldout_policies_accuracy": ev.get("eval_heldout_policies_accuracy"),
-            **reward_gap(root / "data", root / f"rm_{name}" / "model")}
+            **reward_gap(root / "data", root / f"rm_{name}" / "model"),
+            **reward_alignment(root / "data", root / f"rm_{name}" / "model")}
+    results["rm"]["untrained"] = reward_alignment(root / "data", root / "rm_strong" / "model",
+                                                  untrained=True)
     for regime, arm, _ in jobs:
         key = f"{regime}/{arm}"
         if key not in results["arms"]:
@@ -231,31 +308,44 @@ def print_report(res: dict) -> None:
     print("\nReward models (accuracy on held-out prompts / held-out policies; P(target sample "
           "outscores an initial-policy sample, same reference)):")
     for name, r in res["rm"].items():
-        print(f"  {name}: {r['tokens'] / 1e6:.1f}M tokens, accuracy {r['eval_accuracy']:.3f} / "
-              f"{r['heldout_policies_accuracy']:.3f}, loss {r['eval_loss']:.3f}, "
-              f"P(target wins) {r['p_target_wins']:.3f}, gap {r['gap']:.2f} "
-              f"(score sd {r['score_sd']:.2f})")
-    print("\n| regime/arm | KL(π‖t) start | KL(π‖t) end | fall (mean ± sd [min, max]) | "
-          "per token start → end | KL(t‖π) start → end | KL(π‖init) end | length start → end |")
-    print("|---|---|---|---|---|---|---|---|")
+        if "tokens" in r:
+            print(f"  {name}: {r['tokens'] / 1e6:.1f}M tokens, accuracy {r['eval_accuracy']:.3f}"
+                  f" / {r['heldout_policies_accuracy']:.3f}, loss {r['eval_loss']:.3f}, "
+                  f"P(target wins) {r['p_target_wins']:.3f}, gap {r['gap']:.2f} "
+                  f"(score sd {r['score_sd']:.2f})")
+    print("\nAt fixed length: P(target sample wins); within-prompt correlation, over the initial "
+          "policy's samples, of the score with log t(y) - log init(y) and with the count of the "
+          "target's 3 most frequent tokens (and of those two with each other):")
+    for name, r in res["rm"].items():
+        if "corr_score_log_ratio" in r:
+            print(f"  {name}: P(target wins) {r['fixed_p_target_wins']:.3f}, "
+                  f"corr(score, log-ratio) {r['corr_score_log_ratio']:+.3f}, "
+                  f"corr(score, frequent) {r['corr_score_frequent']:+.3f}, "
+                  f"corr(log-ratio, frequent) {r['corr_log_ratio_frequent']:+.3f}")
+    print("\n| regime/arm | KL(π‖t) start → end | fall | per token start → end | per-token "
+          "fall (mean ± sd [min, max]) | best point | KL(t‖π) start → end | KL(π‖init) end | "
+          "length start → end |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, a in res["arms"].items():
-        fall = np.asarray(a["kl_fall"]) * 100
-        sd = fall.std(ddof=1) if len(fall) > 1 else 0.0
-        print(f"| {key} | {a['kl_initial']:.1f} | {mean_sd(a['kl_final'], '.1f')} | "
-              f"{fall.mean():.0f}% ± {sd:.0f} [{fall.min():.0f}, {fall.max():.0f}] | "
+        print(f"| {key} | {a['kl_initial']:.1f} → {mean_sd(a['kl_final'], '.1f')} | "
+              f"{pct(a['kl_fall'])} | "
               f"{a['per_token_initial']:.2f} → {mean_sd(a['per_token_final'])} | "
+              f"{pct(a['per_token_fall'], spread=True)} | {pct(a['per_token_best_fall'])} | "
               f"{a['reverse_initial']:.1f} → {mean_sd(a['reverse_final'], '.1f')} | "
               f"{mean_sd(a['kl_to_init_final'], '.1f')} | "
               f"{a['length_initial']:.1f} → {mean_sd(a['length_final'], '.1f')} |")
-    print("\nCurves: mean KL(π‖target) per sequence over seeds at the evaluation steps")
     regimes = sorted({key.split("/")[0] for key in res["arms"]}, key=list(REGIMES).index)
-    for regime in regimes:
-        arms = {k: a for k, a in res["arms"].items() if k.startswith(regime + "/")}
-        steps = next(iter(arms.values()))["curve_steps"]
-        print("\n| step | " + " | ".join(str(s) for s in steps) + " |")
-        print("|---|" + "---|" * len(steps))
-        for key, a in arms.items():
-            print(f"| {key} | " + " | ".join(f"{v:.1f}" for v in a["curve"]["true_kl"]) + " |")
+    for name, metric, fmt in (("sequence", "true_kl", ".1f"),
+                              ("per token", "true_kl_per_token", ".2f")):
+        print(f"\nCurves: mean KL(π‖target) {name} over seeds at the evaluation steps")
+        for regime in regimes:
+            arms = {k: a for k, a in res["arms"].items() if k.startswith(regime + "/")}
+            steps = next(iter(arms.values()))["curve_steps"]
+            print("\n| step | " + " | ".join(str(s) for s in steps) + " |")
+            print("|---|" + "---|" * len(steps))
+            for key, a in arms.items():
+                print(f"| {key} | " + " | ".join(f"{v:{fmt}}" for v in a["curve"][metric])
+                      + " |")
     print(f"\nwall time (s): {res['walls_s']}; {res['rft_runs']} RFT runs, "
           f"{res['rft_wall_per_run_s']} s each on average")
 

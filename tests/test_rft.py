@@ -293,10 +293,13 @@ def _launch(run_dir, sleep, overrides):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_resume_after_sigkill_is_exact(tiny_dataset, rm_dir, tmp_path, one_thread):
+@pytest.mark.parametrize("options", [
+    [], ["policy.allow_eos=false", "reward.references=2", "reward.normalize=group"]],
+    ids=["default", "fixed_length_references_group"])
+def test_resume_after_sigkill_is_exact(tiny_dataset, rm_dir, tmp_path, one_thread, options):
     overrides = [f"data.dir={tiny_dataset}", f"reward.model={rm_dir}", "reward.mode=rm",
                  "budget.steps=6", "schedule.checkpoint_every=2", "schedule.eval_points=3",
-                 "ppo.micro=4", *SMALL]
+                 "ppo.micro=4", *SMALL, *options]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     killed = _launch(cut, 0.5, overrides)
     run_stage("rft", None, overrides, ref)  # the uninterrupted run, meanwhile, in-process
