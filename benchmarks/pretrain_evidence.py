@@ -120,8 +120,7 @@ def main() -> None:
 
     jobs = []
     for s in sizes:
-        cfg = read_json(run_dir[s] / "done.json") and yaml.safe_load(
-            (run_dir[s] / "config.yaml").read_text())
+        cfg = yaml.safe_load((run_dir[s] / "config.yaml").read_text())
         jobs.append((out / f"scratch-{s}", stage_config(cfg, **{"model.base": None})))
         if s in controls:
             jobs.append((out / f"control-{s}", stage_config(cfg, control="shuffled")))
