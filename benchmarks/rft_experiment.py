@@ -5,11 +5,11 @@ finished runs and resumes unfinished ones):
 
 1. ``generate``: a small synthetic world (4 families x 3 members, 32 content tokens, logit
    scale 3 so that families differ strongly, responses of at most 12 tokens);
-2. ``lm``: a base LM of the RM size on the world's text (POLAR starts RMs from a base LM);
-3. ``pretrain``: POLAR reward models from that base, a ``strong`` one (6M tokens) and a
-   ``weak`` one (0.3M tokens), same size;
+2. ``lm``: a base LM of each RM size on the world's text (POLAR starts RMs from a base LM);
+3. ``pretrain``: POLAR reward models from those bases: ``strong`` (t25k, 6M tokens), ``weak``
+   (t25k, 0.3M tokens) and ``large`` (t100k, 6M tokens; used in the fixed-length regimes);
 4. ``rft``: PPO from ``f0m0`` (family 0) toward the target ``f1m0`` (family 1) at one budget,
-   ``--seeds`` seeds per arm: the strong RM, the weak RM, and three controls: an untrained
+   ``--seeds`` seeds per arm: the RMs, and three controls: an untrained
    RM of the same size (random weights), a random reward, and the oracle reward
    ``log target - log π`` (what an exact reward could do at this budget); each in three
    regimes: no KL penalty (the paper's setting, 60 steps), a KL penalty of 1 to the initial
@@ -24,10 +24,11 @@ target sample above an initial-policy sample; at fixed length, how the RM's scor
 initial policy's own samples (mean over 4 target references) correlates, within each prompt,
 with the true log-ratio ``log target(y) - log init(y)`` (the direction a reward must favour
 to pull toward the target) and with the count of the target's three most frequent tokens;
-per regime and arm, the true KL of the policy
-to the target on held-out prompts before and after RFT (per sequence and per token, and the
-reverse KL(target‖π)), the distance moved from the initial policy, response lengths, and the
-curve of the mean KL over seeds at the evaluation steps; wall time of each phase.
+per regime and arm, the true KL of the policy to the target on held-out prompts before and
+after RFT (per sequence and per token with its spread over seeds, the best point of each
+curve, and the reverse KL(target‖π)), the distance moved from the initial policy, response
+lengths, and the curves of the mean KL over seeds at the evaluation steps; wall time of
+each phase.
 
     python benchmarks/rft_experiment.py --root runs/rft_experiment
     python benchmarks/rft_experiment.py --regimes fixed_kl0 fixed_kl1 --jobs 1
@@ -60,16 +61,16 @@ WORLD = [
     "prompts.max_len=6", "sampling.max_new_tokens=12", "sampling.batch_size=1024",
     "shard_prompts=4000", "kl.prompts=32", "kl.samples_per_prompt=4", "progress=false",
 ]
-RM_SIZE = "t25k"
-LM = [f"size={RM_SIZE}", "budget.tokens=2e6", "data.seq_len=128", "batch.size=32",
+LM = ["budget.tokens=2e6", "data.seq_len=128", "batch.size=32",
       "optim.lr=3e-3", "schedule.eval_points=6", "schedule.checkpoint_every=1000",
       "schedule.progress=false"]
 # Negatives from other families only: RFT needs the cross-family signal, and same-family
 # negatives of this world are near-indistinguishable (label noise for a small RM).
-PRETRAIN = [f"model.size={RM_SIZE}", "data.same_family_share=0", "batch.size=32",
+PRETRAIN = ["data.same_family_share=0", "batch.size=32",
             "optim.lr=1e-3", "data.eval_pairs=256", "schedule.eval_points=10",
             "schedule.checkpoint_every=1000", "schedule.progress=false"]
-RM_BUDGETS = {"strong": 6e6, "weak": 3e5}
+# name: (size, tokens); each size starts from its own base LM (``lm_SIZE``)
+RMS = {"strong": ("t25k", 6e6), "weak": ("t25k", 3e5), "large": ("t100k", 6e6)}
 RFT = ["policy.init=f0m0", "policy.target=f1m0", "budget.steps=60",
        "rollout.prompts_per_step=32", "rollout.samples_per_prompt=2", "ppo.minibatch=32",
        "ppo.epochs=2", "optim.lr=1e-3", "critic_optim.lr=3e-3", "eval.prompts=64",
@@ -78,6 +79,7 @@ RFT = ["policy.init=f0m0", "policy.target=f1m0", "budget.steps=60",
 ARMS = {
     "rm_strong": ["reward.mode=rm", "reward.model={root}/rm_strong/model"],
     "rm_weak": ["reward.mode=rm", "reward.model={root}/rm_weak/model"],
+    "rm_large": ["reward.mode=rm", "reward.model={root}/rm_large/model"],
     "untrained_rm": ["reward.mode=untrained_rm", "reward.model={root}/rm_strong/model"],
     "random": ["reward.mode=random"],
     "oracle": ["reward.mode=oracle"],
@@ -93,6 +95,8 @@ REGIMES = {"kl0": ["ppo.kl_coef=0"], "kl1": ["ppo.kl_coef=1.0"],
                          "reward.normalize=group"]}
 # The oracle's reward already holds -log π: no KL penalty on top of it.
 SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle")}
+# The larger RM came with the fixed-length regimes.
+SKIP |= {(regime, "rm_large") for regime in ("kl0", "kl1", "kl3_long")}
 
 
 def parse_args(argv=None):
@@ -256,16 +260,20 @@ def main(argv=None) -> dict:
     timed("generate", walls, polar_train, "generate", root / "data",
           [*WORLD, f"prompts.train={args.train_prompts}", "workers=2"])
     data = [f"data.dir={root / 'data'}"]
-    timed("lm", walls, polar_train, "lm", root / f"lm_{RM_SIZE}", [*LM, *data])
-    base = [f"model.base={root / f'lm_{RM_SIZE}' / 'model'}"]
+    sizes = sorted({size for size, _ in RMS.values()})
+    timed("lm", walls, lambda: [polar_train("lm", root / f"lm_{size}", [*LM, *data,
+                                                                       f"size={size}"])
+                                for size in sizes])
 
     def pretrain(name):
         return polar_train("pretrain", root / f"rm_{name}",
-                           [*PRETRAIN, *data, *base, f"budget.tokens={RM_BUDGETS[name]}"])
+                           [*PRETRAIN, *data, f"model.size={RMS[name][0]}",
+                            f"model.base={root / f'lm_{RMS[name][0]}' / 'model'}",
+                            f"budget.tokens={RMS[name][1]}"])
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        rms = dict(zip(RM_BUDGETS, timed("pretrain", walls, lambda: list(pool.map(
-            pretrain, RM_BUDGETS))), strict=True))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rms = dict(zip(RMS, timed("pretrain", walls, lambda: list(pool.map(pretrain, RMS))),
+                       strict=True))
 
     jobs = [(regime, arm, s) for regime in args.regimes for arm in args.arms
             for s in range(args.seeds) if (regime, arm) not in SKIP]

@@ -11,7 +11,10 @@ a frozen copy of the initial policy for an optional KL penalty (``ppo.kl_coef``,
 Reward modes (``reward.mode``): ``rm`` (the POLAR reward model in ``reward.model``), and
 controls: ``untrained_rm`` (the same architecture with fresh random weights), ``random``
 (noise independent of the rollout) and ``oracle`` (per-token ``log target - log π``, whose
-expected sum is minus the true KL: the best any reward could do).
+expected sum is minus the true KL: the best any reward could do). Options against length
+artefacts and reward noise: ``policy.allow_eos=false`` (every policy writes exactly
+``max_new_tokens`` tokens), ``reward.references`` (mean score over several target
+references) and ``reward.normalize`` (scores centred or whitened per prompt group).
 
 Actor and critic are two DeepSpeed :class:`~polar_scaling.engine.Engine` s with their own
 optimizers; checkpoints hold both (``checkpoints/actor/N`` and ``checkpoints/critic/N``,
