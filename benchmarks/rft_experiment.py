@@ -93,8 +93,11 @@ REGIMES = {"kl0": ["ppo.kl_coef=0"], "kl1": ["ppo.kl_coef=1.0"],
            "fixed_kl0": [*FIXED, "ppo.kl_coef=0"],
            "fixed_kl1": [*FIXED, "ppo.kl_coef=1.0", "reward.references=4",
                          "reward.normalize=group"]}
+# The same from another start (family 2), where the RMs' local alignment is higher.
+REGIMES["fixed_kl1_f2m0"] = [*REGIMES["fixed_kl1"], "policy.init=f2m0"]
 # The oracle's reward already holds -log π: no KL penalty on top of it.
-SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle")}
+SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle"),
+        ("fixed_kl1_f2m0", "oracle")}
 # The larger RM came with the fixed-length regimes.
 SKIP |= {(regime, "rm_large") for regime in ("kl0", "kl1", "kl3_long")}
 
@@ -169,8 +172,8 @@ def reward_gap(data: Path, rm: Path, n: int = 200) -> dict:
             "score_sd": float(np.concatenate([t, i]).std())}
 
 
-def reward_alignment(data: Path, rm: Path, untrained: bool = False, n: int = 200,
-                     samples: int = 8, refs: int = 4) -> dict:
+def reward_alignment(data: Path, rm: Path, untrained: bool = False, init: str = "f0m0",
+                     n: int = 200, samples: int = 8, refs: int = 4) -> dict:
     """At fixed length, on held-out prompts: P(a target sample outscores an initial-policy
     sample) against the same target reference; and among the initial policy's own samples
     (``samples`` per prompt, scored as the mean over ``refs`` target references), the
@@ -182,7 +185,7 @@ def reward_alignment(data: Path, rm: Path, untrained: bool = False, n: int = 200
     from polar_scaling.world import derive_seed
 
     torch.set_num_threads(1)
-    s = load_setup(str(data), None, "f0m0", "f1m0", n, None, allow_eos=False)
+    s = load_setup(str(data), None, init, "f1m0", n, None, allow_eos=False)
     prompts = s.eval_prompts[:n]
     reward = RMReward(rm, s.tokenizer, untrained_seed=derive_seed(0, "untrained-rm")
                       if untrained else None)
@@ -303,6 +306,10 @@ def main(argv=None) -> dict:
             **reward_alignment(root / "data", root / f"rm_{name}" / "model")}
     results["rm"]["untrained"] = reward_alignment(root / "data", root / "rm_strong" / "model",
                                                   untrained=True)
+    for name, r in results["rm"].items():  # the same diagnostic from the second start
+        model = root / f"rm_{'strong' if name == 'untrained' else name}" / "model"
+        r["from_f2m0"] = reward_alignment(root / "data", model, untrained=name == "untrained",
+                                          init="f2m0")
     for regime, arm, _ in jobs:
         key = f"{regime}/{arm}"
         if key not in results["arms"]:
@@ -324,12 +331,13 @@ def print_report(res: dict) -> None:
     print("\nAt fixed length: P(target sample wins); within-prompt correlation, over the initial "
           "policy's samples, of the score with log t(y) - log init(y) and with the count of the "
           "target's 3 most frequent tokens (and of those two with each other):")
-    for name, r in res["rm"].items():
-        if "corr_score_log_ratio" in r:
-            print(f"  {name}: P(target wins) {r['fixed_p_target_wins']:.3f}, "
-                  f"corr(score, log-ratio) {r['corr_score_log_ratio']:+.3f}, "
-                  f"corr(score, frequent) {r['corr_score_frequent']:+.3f}, "
-                  f"corr(log-ratio, frequent) {r['corr_log_ratio_frequent']:+.3f}")
+    for name, rm in res["rm"].items():
+        for start, r in (("f0m0", rm), ("f2m0", rm.get("from_f2m0", {}))):
+            if "corr_score_log_ratio" in r:
+                print(f"  {name}, init {start}: P(target wins) {r['fixed_p_target_wins']:.3f}, "
+                      f"corr(score, log-ratio) {r['corr_score_log_ratio']:+.3f}, "
+                      f"corr(score, frequent) {r['corr_score_frequent']:+.3f}, "
+                      f"corr(log-ratio, frequent) {r['corr_log_ratio_frequent']:+.3f}")
     print("\n| regime/arm | KL(π‖t) start → end | fall | per token start → end | per-token "
           "fall (mean ± sd [min, max]) | best point | KL(t‖π) start → end | KL(π‖init) end | "
           "length start → end |")
