@@ -17,13 +17,16 @@ finished runs and resumes unfinished ones):
    *fixed-length* regimes (``policy.allow_eos=false``: no policy may stop early, so the true
    KL moves only through content and its per-token value is the headline): ``fixed_kl0``
    (no KL penalty; the oracle too) and ``fixed_kl1`` (KL penalty 1, mean score over 4
-   target references, scores centred per prompt: the best of a small scan on seed 100).
+   target references, scores centred per prompt: the best of a small scan on seed 100);
+   and ``fixed_kl1_f2m0``, the same from the start ``f2m0`` (family 2), where the RMs'
+   local alignment is higher.
 
 Printed (and written to ``ROOT/results.json``): per RM, accuracies and how often it ranks a
 target sample above an initial-policy sample; at fixed length, how the RM's score of the
 initial policy's own samples (mean over 4 target references) correlates, within each prompt,
 with the true log-ratio ``log target(y) - log init(y)`` (the direction a reward must favour
-to pull toward the target) and with the count of the target's three most frequent tokens;
+to pull toward the target) and with the count of the target's three most frequent tokens,
+from the starts ``f0m0`` and ``f2m0``;
 per regime and arm, the true KL of the policy to the target on held-out prompts before and
 after RFT (per sequence and per token with its spread over seeds, the best point of each
 curve, and the reverse KL(target‖π)), the distance moved from the initial policy, response
