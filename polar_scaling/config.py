@@ -134,6 +134,22 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def default_dict(cls: type) -> dict:
+    """The defaults of dataclass ``cls`` as a plain dict, without validating the whole (a
+    class with a required key still has defaults for the rest)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default)
+        elif dataclasses.is_dataclass(f.default_factory):  # a section: its own defaults
+            out[f.name] = default_dict(f.default_factory)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default_factory())
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = (),
                 defaults: dict | None = None) -> T:
     """Defaults < ``defaults`` mapping < YAML at ``path`` < ``overrides``, validated as ``cls``."""

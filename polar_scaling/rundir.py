@@ -54,11 +54,13 @@ class RunDir:
     done_path = property(lambda self: self.path / "done.json")
     model_dir = property(lambda self: self.path / "model")
 
-    def init(self, config: dict, stage: str) -> None:
+    def init(self, config: dict, stage: str, defaults: dict | None = None) -> None:
         """Create the directory and write ``config.yaml``, or check it matches the one there.
 
         A directory holding another config is refused (naming the differing keys) so a
-        typo can never resume, overwrite or mix two runs' checkpoints.
+        typo can never resume, overwrite or mix two runs' checkpoints. ``defaults`` (the
+        config class's defaults) lets a run written before a key existed resume when that
+        key is at its default: the new option changes nothing for it.
         """
         resolved = {"stage": stage, **config}
         if isinstance(resolved.get("schedule"), dict):  # display only: may change on relaunch
@@ -70,6 +72,8 @@ class RunDir:
             raise RunDirError(f"cannot create run directory {self.path}: {e}") from None
         if self.config_path.exists():
             existing = yaml.safe_load(self.config_path.read_text()) or {}
+            if defaults is not None:
+                resolved = _drop_new_defaults(existing, resolved, {"stage": stage, **defaults})
             if _normalise(existing) != _normalise(resolved):
                 diff = sorted(_diff_keys(existing, resolved))
                 raise RunDirError(
@@ -133,6 +137,22 @@ class MetricsLog:
 
 def _normalise(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _drop_new_defaults(existing: dict, resolved: dict, defaults: dict) -> dict:
+    """``resolved`` without the keys that ``existing`` lacks and that hold their default."""
+    out = {}
+    for key, value in resolved.items():
+        if key not in existing:
+            if key in defaults and _normalise(value) == _normalise(defaults[key]):
+                continue
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(existing[key], dict) \
+                and isinstance(defaults.get(key), dict):
+            out[key] = _drop_new_defaults(existing[key], value, defaults[key])
+        else:
+            out[key] = value
+    return out
 
 
 def _diff_keys(a, b, prefix=""):
