@@ -60,6 +60,8 @@ def show(name, title):
     extra = f"  Pearson r {pr:.4f}" if pr is not None else ""
     ci = r.get("ci", {}).get("alpha" if "E" in p else "b")
     if ci:
+        if "E" in p:  # the saturating law's alpha is the exponent's magnitude: show -alpha
+            ci = sorted(-c for c in ci)
         extra += f"  exponent 95% CI [{ci[0]:.4g}, {ci[1]:.4g}]"
     print(f"{title:<34} {law:<34} R² {r['r2']:.4f}{extra}  (n={r['n_points']})")
     return r
