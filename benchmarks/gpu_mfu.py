@@ -236,9 +236,9 @@ def run_packed(args, size, vocab, pairs, n_steps, peak, impl, precision):
     groups = fitting[:n_micro]
     def pack(g):
         seqs = [pairs[i][0] for i in g] + [pairs[i][1] for i in g]
-        if args.tight:  # one row exactly as long as the micro-batch's tokens: no padding
-            return pack_sequences(seqs, sum(len(x) for x in seqs), PAD_ID)
-        return pack_sequences(seqs, args.row_tokens, PAD_ID, min_rows=args.rows)
+        packed = pack_sequences(seqs, args.row_tokens, PAD_ID, min_rows=args.rows)
+        # --tight: the training stages' compact rows (one row, no padding tails)
+        return packed.compact() if args.tight else packed
 
     batches = [pack(g) for g in groups]
     model = build_model(size, vocab)

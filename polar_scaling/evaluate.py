@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from polar_scaling.config import check, default_dict, load_config, to_dict
+from polar_scaling.config import check, load_config
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir, atomic_write
 
@@ -50,7 +50,7 @@ class EvaluateArgs:
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(EvaluateArgs, config_path, overrides)
     run = RunDir(run_dir)
-    run.init(to_dict(args), "evaluate", defaults=default_dict(type(args)))
+    run.init_args(args, "evaluate")
     if run.is_done():
         return run.read_done()
     return evaluate_run(args, run)

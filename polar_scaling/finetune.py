@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from polar_scaling.config import check, default_dict, load_config, to_dict
+from polar_scaling.config import check, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
@@ -82,7 +82,7 @@ class FinetuneArgs:
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(FinetuneArgs, config_path, overrides)
     run = RunDir(run_dir)
-    run.init(to_dict(args), "finetune", defaults=default_dict(type(args)))
+    run.init_args(args, "finetune")
     if run.is_done():
         return run.read_done()
     return finetune(args, run)

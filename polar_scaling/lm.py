@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polar_scaling.config import ConfigError, default_dict, load_config, to_dict
+from polar_scaling.config import ConfigError, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
@@ -111,7 +111,7 @@ def heldout_stream(data_dir: Path, bos: int, eos: int) -> np.ndarray:
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(LMArgs, config_path, overrides)
     run = RunDir(run_dir)
-    run.init(to_dict(args), "lm", defaults=default_dict(type(args)))
+    run.init_args(args, "lm")
     if run.is_done():
         return run.read_done()
     return train_lm(args, run)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from polar_scaling.config import ConfigError, check, default_dict, load_config, to_dict
+from polar_scaling.config import ConfigError, check, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
@@ -64,7 +64,7 @@ class PretrainArgs:
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(PretrainArgs, config_path, overrides)
     run = RunDir(run_dir)
-    run.init(to_dict(args), "pretrain", defaults=default_dict(type(args)))
+    run.init_args(args, "pretrain")
     if run.is_done():
         return run.read_done()
     return train_reward_model(args, run)

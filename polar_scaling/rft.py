@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from polar_scaling.config import check, default_dict, load_config, to_dict
+from polar_scaling.config import check, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.rundir import RunDir
 from polar_scaling.trainer import ScheduleArgs
@@ -184,7 +184,7 @@ ARGS = RFTArgs  # the sweep manager looks the stage's config class up by this na
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(RFTArgs, config_path, overrides)
     run = RunDir(run_dir)
-    run.init(to_dict(args), "rft", defaults=default_dict(type(args)))
+    run.init_args(args, "rft")
     if run.is_done():
         return run.read_done()
     return train_rft(args, run)

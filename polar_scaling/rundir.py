@@ -82,6 +82,12 @@ class RunDir:
             return
         atomic_write(self.config_path, yaml.safe_dump(resolved, sort_keys=False))
 
+    def init_args(self, args, stage: str) -> None:
+        """:meth:`init` for a stage's config dataclass ``args``, with its class's defaults."""
+        from polar_scaling.config import default_dict, to_dict
+
+        self.init(to_dict(args), stage, defaults=default_dict(type(args)))
+
     def is_done(self) -> bool:
         return self.done_path.is_file()
 
