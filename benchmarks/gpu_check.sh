@@ -73,7 +73,7 @@ EOF
 #    Ordered by what the figures are needed for; the budget skips the tail.
 M="$PY benchmarks/gpu_mfu.py --size 1.8B --warmup 2 --steps 4 --attn polar_varlen --zero 0"
 # Which of these run: CHECK_RUNS (space-separated names; default all, in this order).
-RUNS=${CHECK_RUNS:-"none_nockpt_ga4_both compile_layers_nockpt_ga4_tight liger_nockpt_ga4_tight compile_layers_nockpt_ga4 liger_nockpt_ga4"}
+RUNS=${CHECK_RUNS:-"compile_layers_nockpt_ga4_tight_both liger_nockpt_ga4_tight compile_layers_nockpt_ga4_tight_r24k none_nockpt_ga4_both compile_layers_nockpt_ga4"}
 for r in $RUNS; do
     case $r in
         # The plain padded loop and our packed path in the same process: the ratio.
@@ -91,6 +91,18 @@ for r in $RUNS; do
             --json "$OUT/mfu_$r.json" ;;
         liger_nockpt_ga4_tight) step mfu_$r 100 $M --no-ckpt --grad-accum 4 --fused liger \
             --mode packed --tight --json "$OUT/mfu_$r.json" ;;
+        # The best packed configuration and the plain padded loop in one process: the ratio.
+        compile_layers_nockpt_ga4_tight_both) step mfu_$r 220 $M --no-ckpt --grad-accum 4 \
+            --fused compile_layers --mode both --tight --json "$OUT/mfu_$r.json" ;;
+        # Rows of 24,576 tokens: fewer, larger matmuls per micro-batch.
+        compile_layers_nockpt_ga4_tight_r24k) step mfu_$r 170 $M --no-ckpt --grad-accum 4 \
+            --fused compile_layers --mode packed --tight --row-tokens 24576 \
+            --json "$OUT/mfu_$r.json" ;;
+        compile_layers_nockpt_ga4_tight_r24k_both) step mfu_$r 220 $M --no-ckpt --grad-accum 4 \
+            --fused compile_layers --mode both --tight --row-tokens 24576 \
+            --json "$OUT/mfu_$r.json" ;;
+        liger_nockpt_ga4_tight_r24k) step mfu_$r 100 $M --no-ckpt --grad-accum 4 --fused liger \
+            --mode packed --tight --row-tokens 24576 --json "$OUT/mfu_$r.json" ;;
         compile_layers_nockpt_ga4_tight) step mfu_$r 170 $M --no-ckpt --grad-accum 4 \
             --fused compile_layers --mode packed --tight --json "$OUT/mfu_$r.json" ;;
         none_nockpt_ga4_profile) step mfu_$r 100 $M --no-ckpt --grad-accum 4 --fused none \
