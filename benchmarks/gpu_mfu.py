@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polar_scaling import gpu  # noqa: E402
 from polar_scaling.batch_plan import plan_batch  # noqa: E402
+from polar_scaling.engine import enable_activation_checkpointing  # noqa: E402
 from polar_scaling.fused import FUSED_KERNELS  # noqa: E402
 from polar_scaling.losses import bradley_terry_loss, pair_scores  # noqa: E402
 from polar_scaling.packed_attention import (  # noqa: E402
@@ -173,8 +174,7 @@ def run_padded(args, size, vocab, pairs, n_steps, peak):
     model = build_model(size, vocab)
     use_attention(model, "sdpa")
     if args.padded_ckpt:
-        model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.model)
     cuda = torch.cuda.is_available()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
                             **({"fused": True} if cuda else {}))

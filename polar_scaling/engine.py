@@ -81,6 +81,17 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def enable_activation_checkpointing(module) -> None:
+    """Non-reentrant activation checkpointing of a transformers model's layers, through
+    ``activation_checkpointing_enable`` where transformers has it (its older name is
+    deprecated there) and ``gradient_checkpointing_enable`` before that."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def ds_config(engine: EngineArgs, optim: OptimArgs, micro_batch: int, grad_accum: int,
               world_size: int) -> dict:
     """The DeepSpeed JSON for these args (also written to the run directory)."""
@@ -125,8 +136,7 @@ class Engine:
             (Path(run_path) / "ds_config.json").write_text(json.dumps(config, indent=2))
         fuse_kernels(model, engine.fused_kernels)
         if engine.activation_checkpointing and hasattr(model, "model"):
-            model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model.model)
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:

@@ -138,3 +138,21 @@ def test_benchmark_fused_accumulated_and_profiled_on_cpu(tmp_path):
     assert packed["real_tokens"] > 0 and packed["timed_steps"] == 1
     top = packed["profile_top"]
     assert len(top) >= 10 and any("mm" in row["name"] for row in top)
+
+
+def test_activation_checkpointing_recomputes_and_keeps_gradients(recwarn):
+    """The engine's checkpointing switch gives the same rewards and gradients, through
+    transformers' current method (no deprecation warning)."""
+    from polar_scaling.engine import enable_activation_checkpointing
+
+    plain = make_model().train()
+    ckpt = copy.deepcopy(plain)
+    enable_activation_checkpointing(ckpt.model)
+    assert ckpt.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
+    batch = packed_batch()
+    want_r, want_g = rewards_and_grads(plain, batch, "sdpa")
+    got_r, got_g = rewards_and_grads(ckpt, batch, "sdpa")
+    torch.testing.assert_close(got_r, want_r, rtol=1e-6, atol=1e-6)
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not [w for w in recwarn if "deprecated" in str(w.message)]
