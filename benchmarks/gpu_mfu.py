@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from polar_scaling import gpu  # noqa: E402
 from polar_scaling.batch_plan import plan_batch  # noqa: E402
 from polar_scaling.engine import enable_activation_checkpointing  # noqa: E402
-from polar_scaling.fused import FUSED_KERNELS  # noqa: E402
+from polar_scaling.fused import FUSED_KERNELS, resolve_fused  # noqa: E402
 from polar_scaling.losses import bradley_terry_loss, pair_scores  # noqa: E402
 from polar_scaling.packed_attention import (  # noqa: E402
     best_packed_attention,
@@ -407,7 +407,8 @@ def main(argv=None) -> dict:
               "args": vars(args), "torch": torch.__version__}
     mem = gpu.total_memory_bytes()
     if mem:
-        plan = plan_batch(size, mem, 1, args.rows * args.row_tokens)
+        plan = plan_batch(size, mem, 1, args.grad_accum * args.rows * args.row_tokens,
+                          fused=resolve_fused(args.fused) != "none", compact=args.tight)
         result["plan_for_this_card"] = plan.__dict__
     if args.mode in ("both", "padded"):
         result["padded"] = run_padded(args, size, vocab, pairs, n_steps, peak)

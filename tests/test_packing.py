@@ -277,6 +277,31 @@ def test_plan_estimates_match_the_measured_h100_peaks():
         assert abs(plan.est_peak_gib - measured) < 2.0, (name, plan.est_peak_gib, measured)
 
 
+def test_compact_plan_is_the_widest_micro_batch_measured_to_fit():
+    """With a varlen kernel (one row of any width) the 1.8B plan on an H100 is the 24,576-token
+    micro-batch that ran at 70.6 GiB (docs/gpu_runs/2026-11-26-h100-c), not 16,384."""
+    size, card = get_size("1.8B"), 79.18 * GIB
+    runs = ROOT / "docs" / "gpu_runs" / "2026-11-26-h100-c"
+    plan = plan_batch(size, card, world=1, step_tokens=1 << 20, fused=True, compact=True)
+    assert (plan.row_tokens, plan.rows, plan.zero_stage, plan.activation_checkpointing) == \
+        (24576, 1, 0, False)
+    assert plan.step_tokens(1) >= 1 << 20 > plan.step_tokens(1) - plan.micro_tokens
+    for name, tokens in [("r24k/mfu_liger_nockpt_ga4_tight_r24k", 24576),
+                         ("mfu_liger_nockpt_ga4_tight", 16384)]:
+        r = json.loads((runs / f"{name}.json").read_text())["packed"]
+        assert r["pad_share"] == 0 and not r["activation_checkpointing"]
+        est = plan_batch(size, card, 1, tokens, fused=True, compact=True)
+        assert est.row_tokens == tokens
+        assert abs(est.est_peak_gib - r["mem_peak_gib"]) < 1.0, (name, est, r["mem_peak_gib"])
+    # the next 1,024 tokens would pass the 90% headroom
+    assert plan.est_peak_gib <= 0.9 * 79.18 < plan.est_peak_gib + 1024 * 24 * 75776 / GIB
+    # never narrower than the longest sequence; never wider than the step needs per GPU
+    shortest = plan_batch(size, card, 1, 1000, fused=True, compact=True)
+    assert shortest.row_tokens == 11 * 1024  # POLAR's longest sequence, 10,242 tokens
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_batch(get_size("7B"), 40 * GIB, 1, 1 << 20, fused=True, compact=True)
+
+
 def test_plans_along_the_ladder():
     h100 = 80 * GIB
     # Measured: a 16,384-token row of the 1.8B shape trains without checkpointing on 80 GB.
@@ -355,3 +380,16 @@ def test_throughput_on_cpu_reports_no_mfu(monkeypatch):
     monkeypatch.setattr(gpu, "device_name", lambda device=None: "cpu")
     perf = gpu.Throughput(world=1, tokens=0, flops=0.0)
     assert perf.peak is None and perf.summary(10, 1e9)["mfu"] is None
+
+
+def test_plan_command_prints_the_plan_and_names_bad_input(capsys):
+    from polar_scaling.batch_plan import main
+
+    plan = main(["--size", "1.8B", "--fused", "--compact", "--step-tokens", "1e6"])
+    out = capsys.readouterr().out
+    assert plan.row_tokens == 24576 and "24,576 tokens per micro-batch" in out
+    assert f"{plan.grad_accum} micro-batches per step" in out and "ZeRO-0" in out
+    with pytest.raises(SystemExit, match="does not fit 1 GPU"):
+        main(["--size", "7B"])
+    with pytest.raises(SystemExit, match="unknown model size '9Q'"):
+        main(["--size", "9Q"])
