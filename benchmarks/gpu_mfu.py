@@ -427,3 +427,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()
+    if torch.distributed.is_initialized():  # a clean NCCL exit (the packed loop set it up)
+        torch.distributed.destroy_process_group()
