@@ -28,7 +28,10 @@ The benchmark (``benchmarks/gpu_mfu.py``) prints the measured peak beside this e
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from polar_scaling.sizes import ModelSize, total_params
 
@@ -145,6 +148,29 @@ def _compact_plan(size: ModelSize, free: float, stage: int, ckpt: bool, world: i
     peak = FIXED_BYTES + state_bytes(size, stage, world) + activation_bytes(size, width, ckpt,
                                                                             fused)
     return BatchPlan(width, 1, accum, stage, ckpt, round(peak / GIB, 1))
+
+
+def activation_budget_tokens(size: ModelSize, gpu_bytes: float, world: int, zero_stage: int,
+                             checkpointing: bool, fused: bool = False,
+                             headroom: float = 0.9) -> int:
+    """Tokens a micro-batch may hold on one GPU once the model states of ``zero_stage`` are
+    placed (0 when even they do not fit)."""
+    free = headroom * gpu_bytes - FIXED_BYTES - state_bytes(size, zero_stage, world)
+    return max(0, int(free // activation_bytes(size, 1, checkpointing, fused)))
+
+
+def fit_micro(pair_tokens: Sequence[int], longest: int, per_rank: int, budget_tokens: int,
+              compact: bool) -> int:
+    """The most pairs per micro-batch, a divisor of ``per_rank`` (a rank's pairs per step),
+    whose worst micro-batch fits ``budget_tokens``: the sum of the longest pairs for compact
+    rows (no padding); ``2·m·longest`` slots otherwise (a padded micro-batch, and a packed
+    one never holds more). Returns 0 when not even one pair fits."""
+    worst = np.cumsum(np.sort(np.asarray(pair_tokens, dtype=np.int64))[::-1])
+    for m in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
+        need = worst[min(m, len(worst)) - 1] if compact else 2 * m * longest
+        if need <= budget_tokens:
+            return m
+    return 0
 
 
 def main(argv=None) -> BatchPlan:

@@ -33,7 +33,7 @@ from polar_scaling.config import check, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
-from polar_scaling.stage_args import Attention, BatchLayout, PairBatchArgs
+from polar_scaling.stage_args import Attention, BatchLayout, PairBatchArgs, choose_micro
 from polar_scaling.trainer import ScheduleArgs
 
 
@@ -242,9 +242,9 @@ def finetune(args: FinetuneArgs, run: RunDir) -> dict:
              "eval_noref": encode_preferences(eval_rows, tokenizer, wrapper,
                                               with_reference=False, **limits)}
     names, labels = categories(eval_rows)
-    micro = args.batch.micro or max(1, args.batch.size // world)
     layout = BatchLayout.resolve(args.batch, args.model.attention, {"training": train_pairs, **evals})
     layout.apply(model)
+    micro, micro_record = choose_micro(args.batch, args.engine, size, train_pairs, world, layout)
     source = EpochSource(train_pairs, args.epochs, args.batch.size, micro, world, pad,
                          lambda lens: train_flops(size, lens, head="reward"), args.seed,
                          args.data.bucket_steps, row_tokens=layout.row_tokens,
@@ -274,7 +274,7 @@ def finetune(args: FinetuneArgs, run: RunDir) -> dict:
              "non_embedding_params": non_embedding_params(size), "base": args.model.base,
              "train_pairs": len(train_pairs), "eval_pairs": len(eval_rows),
              "epochs": args.epochs, "wrapper": wrapper,
-             "pad_share_first_steps": round(source.pad_share(20), 4), **layout.summary()}
+             "pad_share_first_steps": round(source.pad_share(20), 4), **layout.summary(), **micro_record}
     return train(run, model, args.engine, args.optim, args.schedule, source, layout.loss_fn(),
                  evaluate, export=export, summary_extra=extra)
 

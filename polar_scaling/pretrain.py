@@ -24,7 +24,13 @@ from polar_scaling.config import ConfigError, check, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
 from polar_scaling.rundir import RunDir
-from polar_scaling.stage_args import BatchLayout, BudgetArgs, ModelArgs, PairBatchArgs
+from polar_scaling.stage_args import (
+    BatchLayout,
+    BudgetArgs,
+    ModelArgs,
+    PairBatchArgs,
+    choose_micro,
+)
 from polar_scaling.trainer import ScheduleArgs
 
 EVAL_SEED = 7  # seed of the held-out triplet order (independent of the run's seed)
@@ -92,7 +98,6 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
     train_split = TripletSource(data_dir, "train", seed=args.seed,
                                 same_family_share=args.data.same_family_share)
     train_pairs = encode_pairs(train_split, ids, args.data.wrapper)
-    micro = args.batch.micro or max(1, args.batch.size // world)
     swap = None
     if args.control == "shuffled":
         swap = np.random.default_rng(args.seed + 1).random(len(train_pairs)) < 0.5
@@ -117,6 +122,7 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
     layout = BatchLayout.resolve(args.batch, args.model.attention,
                                  {"training": train_pairs, **{k: p for k, (p, _) in evals.items()}})
     layout.apply(model)
+    micro, micro_record = choose_micro(args.batch, args.engine, size, train_pairs, world, layout)
     source = PairStepSource(
         train_pairs, args.batch.size, micro, world, tokenizer.pad_token_id,
         flops_fn=lambda lens: train_flops(size, lens, head="reward"),
@@ -154,7 +160,7 @@ def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:
     extra = {"size": args.model.size, "params": total_params(size),
              "non_embedding_params": non_embedding_params(size), "base": args.model.base,
              "pad_share_first_steps": round(source.pad_share(min(20, final_step)), 4),
-             **layout.summary()}
+             **layout.summary(), **micro_record}
     return train(run, model, args.engine, args.optim, args.schedule, source, layout.loss_fn(),
                  evaluate, export=export, summary_extra=extra)
 

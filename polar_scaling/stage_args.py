@@ -39,7 +39,9 @@ class BudgetArgs:
 @dataclass
 class BatchArgs:
     size: int = field(default=32, metadata={"ge": 1})  # examples per optimizer step, all ranks
-    micro: int | None = field(default=None, metadata={"ge": 1})  # per rank; None: size/world
+    # Examples per micro-batch per rank; None: size/world (the pair stages plan it on a GPU
+    # instead: choose_micro below).
+    micro: int | None = field(default=None, metadata={"ge": 1})
 
 
 @dataclass
@@ -147,3 +149,40 @@ def resolve_layout(batch: PairBatchArgs, attention: str, device_type: str) -> tu
             raise StageError("model.attention=flash_attention_2 needs the flash-attn package, "
                              "which is not installed here; choose polar_varlen or auto")
     return packed, attention
+
+
+def choose_micro(batch: BatchArgs, engine, size, pairs, world: int, layout: BatchLayout,
+                 gpu_bytes: float | None = None) -> tuple[int, dict]:
+    """Pairs per micro-batch and a record of the choice for ``done.json``.
+
+    ``batch.micro`` when set. Otherwise, on a GPU (``gpu_bytes``: its memory, read from the
+    device when None), the most pairs (a divisor of a rank's share of ``batch.size``) whose
+    worst micro-batch of ``pairs`` (PairData) fits the memory the batch planner leaves for
+    activations after the model states of ``engine`` (zero_stage, activation
+    checkpointing, fused kernels) are placed (polar_scaling/batch_plan.py); on CPU all of a
+    rank's pairs, as before."""
+    import warnings
+
+    from polar_scaling import gpu
+    from polar_scaling.batch_plan import activation_budget_tokens, fit_micro
+    from polar_scaling.fused import resolve_fused
+
+    per_rank = max(1, batch.size // world)
+    if batch.micro:
+        return batch.micro, {"micro": batch.micro, "micro_from": "batch.micro"}
+    gpu_bytes = gpu_bytes if gpu_bytes is not None else gpu.total_memory_bytes()
+    if not gpu_bytes:
+        return per_rank, {"micro": per_rank, "micro_from": "batch.size / world (no GPU)"}
+    fused = resolve_fused(engine.fused_kernels, "cuda") != "none"
+    budget = activation_budget_tokens(size, gpu_bytes, world, engine.zero_stage,
+                                      engine.activation_checkpointing, fused)
+    longest = max(len(s) for side in (pairs.chosen, pairs.rejected) for s in side)
+    micro = fit_micro(pairs.tokens(), longest, per_rank, budget, layout.compact)
+    if micro == 0:
+        micro = 1
+        warnings.warn(f"one pair (longest sequence {longest} tokens) needs more activation "
+                      f"memory than the planner estimates this GPU has left ({budget} tokens "
+                      f"for size {size.name}); consider engine.activation_checkpointing, a "
+                      f"higher engine.zero_stage or more GPUs", stacklevel=2)
+    return micro, {"micro": micro, "micro_from": "batch planner",
+                   "micro_token_budget": budget, "gpu_gib": round(gpu_bytes / 2 ** 30, 2)}

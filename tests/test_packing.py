@@ -393,3 +393,49 @@ def test_plan_command_prints_the_plan_and_names_bad_input(capsys):
         main(["--size", "7B"])
     with pytest.raises(SystemExit, match="unknown model size '9Q'"):
         main(["--size", "9Q"])
+
+
+def test_fit_micro_takes_the_most_pairs_whose_worst_micro_batch_fits():
+    from polar_scaling.batch_plan import fit_micro
+
+    pairs = [10, 40, 30, 20, 50, 60, 5, 25]  # tokens of each pair, both sequences
+    # compact rows: the sum of the m longest pairs (60+50+40+30 = 180) must fit
+    assert fit_micro(pairs, 35, per_rank=8, budget_tokens=180, compact=True) == 4
+    assert fit_micro(pairs, 35, per_rank=8, budget_tokens=179, compact=True) == 2
+    assert fit_micro(pairs, 35, per_rank=8, budget_tokens=10 ** 6, compact=True) == 8
+    assert fit_micro(pairs, 35, per_rank=6, budget_tokens=180, compact=True) == 3  # divisors
+    # padded or packed with tails: 2 * m * longest slots
+    assert fit_micro(pairs, 35, per_rank=8, budget_tokens=2 * 2 * 35, compact=False) == 2
+    assert fit_micro(pairs, 35, per_rank=8, budget_tokens=69, compact=False) == 0
+
+
+def test_choose_micro_plans_on_a_gpu_only_when_batch_micro_is_unset(recwarn):
+    from types import SimpleNamespace
+
+    from polar_scaling.batch_plan import activation_budget_tokens
+    from polar_scaling.engine import EngineArgs
+    from polar_scaling.pairs import PairData
+    from polar_scaling.stage_args import PairBatchArgs, choose_micro
+
+    size = get_size("1.8B")
+    long_pairs = PairData([[1] * 3500] * 64, [[1] * 2500] * 64)  # 6,000 tokens a pair
+    compact = SimpleNamespace(compact=True)
+    engine = EngineArgs(fused_kernels="none")
+    card = 79.18 * GIB
+    budget = activation_budget_tokens(size, card, 1, 0, False)
+    assert budget == int((0.9 * card - 3 * GIB - state_bytes(size, 0, 1)) // (24 * 106496))  # 26d + 4d_kv + 6f
+    micro, rec = choose_micro(PairBatchArgs(size=64), engine, size, long_pairs, 1, compact, card)
+    assert micro == 2 and 2 * 6000 <= budget < 4 * 6000  # 2 pairs fit, 4 do not
+    assert rec["micro_from"] == "batch planner" and rec["micro_token_budget"] == budget
+    # a larger world shards the states (ZeRO-1) and leaves more room; a rank has fewer pairs
+    wide, _ = choose_micro(PairBatchArgs(size=64), EngineArgs(zero_stage=1, fused_kernels="none"),
+                           size, long_pairs, 8, compact, card)
+    assert wide == 4  # 8 pairs a rank; 4 x 6,000 tokens fit beside a ZeRO-1 shard
+    # explicit batch.micro wins; no GPU keeps the whole rank's share
+    assert choose_micro(PairBatchArgs(size=64, micro=16), engine, size, long_pairs, 1, compact,
+                        card)[0] == 16
+    assert choose_micro(PairBatchArgs(size=64), engine, size, long_pairs, 2, compact, 0)[0] == 32
+    # not even one pair fits a small card: one pair per micro-batch, and a warning
+    assert not recwarn.list
+    tight, _ = choose_micro(PairBatchArgs(size=64), engine, size, long_pairs, 1, compact, 30 * GIB)
+    assert tight == 1 and "activation_checkpointing" in str(recwarn.pop(UserWarning).message)

@@ -145,6 +145,8 @@ def test_packed_steps_equal_padded_steps(tiny_dataset, padded_run, tmp_path, att
     assert not padded["packing"] and padded["row_tokens"] is None
     assert done["steps"] == padded["steps"] >= 2
     assert done["pad_share_first_steps"] <= padded["pad_share_first_steps"]
+    # no GPU here: a micro-batch is the whole step, as batch.micro unset always meant on CPU
+    assert (done["micro"], done["micro_from"]) == (8, "batch.size / world (no GPU)")
     assert_same_run(padded_run, tmp_path / "packed")
 
 
