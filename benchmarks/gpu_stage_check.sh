@@ -47,6 +47,8 @@ done = json.loads((run / "done.json").read_text())
 lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 evals = [x for x in lines if "eval_loss" in x]
 print("done.json:", json.dumps(done)[:400])
+print("layout:", {k: done.get(k) for k in ("packing", "attention", "compact_rows", "micro",
+                                           "micro_from", "micro_token_budget", "gpu_gib")})
 print("ds_config bf16:", json.loads((run / "ds_config.json").read_text()).get("bf16"))
 for x in evals:
     print({k: x[k] for k in ("step", "tokens", "eval_loss", "eval_accuracy") if k in x})
