@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from polar_scaling.config import check, load_config, to_dict
+from polar_scaling.config import check, default_dict, load_config, to_dict
 from polar_scaling.data import (
     FORMAT,
     MANIFEST,
@@ -386,7 +386,8 @@ def _open(args: GenerateArgs, run_dir: Path, runtime=None):
     runtime = runtime or Runtime(args)
     try:
         rd = RunDir(run_dir)
-        rd.init(identity(args), "generate")
+        # a dataset written before a world key existed reopens while the key is at its default
+        rd.init(identity(args), "generate", defaults=default_dict(GenerateArgs))
     except RunDirError as e:
         raise StageError(str(e)) from None
     return runtime, rd

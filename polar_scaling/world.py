@@ -9,7 +9,14 @@ and the output head N(0, s²/hidden) so that logits have standard deviation ``lo
 Structure (``within_sigma`` and ``across_sigma`` are the distance knobs):
 - family base: an independent draw per family (``across_sigma: null``), or the shared root
   draw plus ``across_sigma`` relative noise (smaller = families closer together);
-- member 0 of a family is its base; member m ≥ 1 is the base plus ``within_sigma`` noise.
+- member 0 of a family is its base; member m ≥ 1 is the base plus ``within_sigma`` noise;
+- ``bridges: k`` adds, for each pair of families a < b, k policies between their bases at
+  t = 1/(k+1) … k/(k+1): each tensor ``(1−t)·base_a + t·base_b`` rescaled to the spread
+  ``(1−t)·std_a + t·std_b`` (so the logit scale, hence the entropy, stays comparable). Ids
+  ``b{a}-{b}t{i}``; each bridge is its own family of one (so pair drawing treats it as a
+  distinct policy, and a reward model learns graded closeness, not only "same family or
+  not"); held out when either end family is held out. ``bridges: 0`` leaves the pool as
+  it was.
 Noise is relative to each tensor's spread: ``w' = (w + σ·std(w)·ε) / sqrt(1 + σ²)``, which keeps
 the spread (hence the entropy) unchanged; norm weights are not perturbed. Each draw uses its
 own ``torch.Generator`` seeded from (world seed, role, family, member), so a policy is
@@ -20,6 +27,7 @@ and the last ``heldout_families`` families entirely.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +68,7 @@ class WorldConfig:
     logit_scale: float = field(default=1.0, metadata={"gt": 0})
     heldout_members_per_family: int = field(default=1, metadata={"ge": 0})
     heldout_families: int = field(default=0, metadata={"ge": 0})
+    bridges: int = field(default=0, metadata={"ge": 0})
     arch: PolicyArch = field(default_factory=PolicyArch)
 
     def __post_init__(self):
@@ -92,7 +101,8 @@ def derive_seed(*parts) -> int:
 
 
 def pool_specs(cfg: WorldConfig) -> list[PolicySpec]:
-    """All pool members, family-major; ids are ``f{family}m{member}``."""
+    """All pool members, family-major (ids ``f{family}m{member}``), then the bridges (ids
+    ``b{a}-{b}t{i}``, pair-major)."""
     specs = []
     for f in range(cfg.families):
         heldout_family = f >= cfg.families - cfg.heldout_families
@@ -100,7 +110,20 @@ def pool_specs(cfg: WorldConfig) -> list[PolicySpec]:
             heldout = heldout_family or m >= cfg.members_per_family - cfg.heldout_members_per_family
             specs.append(PolicySpec(f"f{f}m{m}", f"f{f}", m, "heldout" if heldout else "train",
                                     derive_seed(cfg.seed, "member", f, m)))
+    first_heldout = cfg.families - cfg.heldout_families
+    for a in range(cfg.families):
+        for b in range(a + 1, cfg.families):
+            for i in range(1, cfg.bridges + 1):
+                pid = f"b{a}-{b}t{i}"
+                specs.append(PolicySpec(pid, pid, 0, "heldout" if b >= first_heldout else "train",
+                                        derive_seed(cfg.seed, "bridge", a, b, i)))
     return specs
+
+
+def bridge_ends(policy_id: str) -> tuple[int, int, int] | None:
+    """``(a, b, i)`` of a bridge id ``b{a}-{b}t{i}``; None for any other id."""
+    m = re.fullmatch(r"b(\d+)-(\d+)t(\d+)", policy_id)
+    return None if m is None else tuple(int(x) for x in m.groups())
 
 
 class World:
@@ -122,7 +145,13 @@ class World:
 
     def policy(self, policy_id: str) -> SyntheticPolicy:
         spec = self.spec(policy_id)
-        params = self._family_base(int(spec.family[1:]))
+        ends = bridge_ends(policy_id)
+        if ends is not None:
+            a, b, i = ends
+            params = _interpolate(self._family_base(a), self._family_base(b),
+                                  i / (self.cfg.bridges + 1))
+        else:
+            params = self._family_base(int(spec.family[1:]))
         if spec.member > 0:
             params = _perturb(params, self.cfg.within_sigma, spec.seed)
         return SyntheticPolicy(_load(self.cfg, params), policy_id=spec.policy_id,
@@ -213,4 +242,18 @@ def _perturb(params: dict[str, torch.Tensor], sigma: float, seed: int) -> dict[s
             continue
         noise = torch.randn(w.shape, generator=g)
         out[name] = (w + sigma * w.std() * noise) / (1.0 + sigma ** 2) ** 0.5
+    return out
+
+
+def _interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                 t: float) -> dict[str, torch.Tensor]:
+    """``(1−t)·a + t·b`` per tensor, rescaled to the spread ``(1−t)·std(a) + t·std(b)`` (the
+    mix of two independent draws is narrower; norm weights are equal in every policy)."""
+    out = {}
+    for name, wa in a.items():
+        wb = b[name]
+        mixed = (1.0 - t) * wa + t * wb
+        if wa.ndim > 1:
+            mixed = mixed * (((1.0 - t) * wa.std() + t * wb.std()) / mixed.std())
+        out[name] = mixed
     return out
