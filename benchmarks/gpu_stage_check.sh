@@ -28,7 +28,8 @@ polar() { $PY -m polar_scaling.cli "$@"; }
 [ -f "$out/world/manifest.json" ] || polar generate "$out/generate.yaml" --run-dir "$out/world"
 rm -rf "$out/rm"
 # Kill the first attempt once a checkpoint exists, then resume on the same directory.
-polar pretrain "$out/pretrain.yaml" --run-dir "$out/rm" &
+# (python itself in the background, not the shell function: kill must reach the trainer)
+$PY -m polar_scaling.cli pretrain "$out/pretrain.yaml" --run-dir "$out/rm" &
 pid=$!
 for _ in $(seq 600); do
     ls "$out/rm/checkpoints/"*/COMPLETE >/dev/null 2>&1 && break
@@ -39,6 +40,8 @@ if [ -n "$(jobs -rp)" ]; then
     kill -9 $pid && echo "killed the first attempt after its first checkpoint"
 fi
 wait $pid 2>/dev/null || echo "first attempt exited with $?"
+[ -f "$out/rm/done.json" ] && echo "WARNING: the first attempt finished before the kill"
+echo "checkpoints before the relaunch: $(ls "$out/rm/checkpoints" 2>/dev/null | tr '\n' ' ')"
 polar pretrain "$out/pretrain.yaml" --run-dir "$out/rm"
 $PY - "$out/rm" <<'EOF'
 import json, pathlib, sys
