@@ -28,7 +28,7 @@ import numpy as np
 
 from polar_scaling.config import check, load_config
 from polar_scaling.errors import StageError
-from polar_scaling.rundir import RunDir, atomic_write
+from polar_scaling.rundir import RunDir, atomic_write, run_once
 
 
 @dataclass
@@ -49,11 +49,7 @@ class EvaluateArgs:
 
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(EvaluateArgs, config_path, overrides)
-    run = RunDir(run_dir)
-    run.init_args(args, "evaluate")
-    if run.is_done():
-        return run.read_done()
-    return evaluate_run(args, run)
+    return run_once(run_dir, args, "evaluate", evaluate_run)
 
 
 def evaluate_run(args: EvaluateArgs, run: RunDir) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 from polar_scaling.config import check, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
-from polar_scaling.rundir import RunDir
+from polar_scaling.rundir import RunDir, run_once
 from polar_scaling.stage_args import Attention, BatchLayout, PairBatchArgs, choose_micro
 from polar_scaling.trainer import ScheduleArgs
 
@@ -81,11 +81,7 @@ class FinetuneArgs:
 
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(FinetuneArgs, config_path, overrides)
-    run = RunDir(run_dir)
-    run.init_args(args, "finetune")
-    if run.is_done():
-        return run.read_done()
-    return finetune(args, run)
+    return run_once(run_dir, args, "finetune", finetune)
 
 
 # --------------------------------------------------------------------------- the start

@@ -20,7 +20,7 @@ import numpy as np
 from polar_scaling.config import ConfigError, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
-from polar_scaling.rundir import RunDir
+from polar_scaling.rundir import RunDir, run_once
 from polar_scaling.stage_args import BatchArgs, BudgetArgs
 from polar_scaling.trainer import ScheduleArgs
 
@@ -110,11 +110,7 @@ def heldout_stream(data_dir: Path, bos: int, eos: int) -> np.ndarray:
 
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(LMArgs, config_path, overrides)
-    run = RunDir(run_dir)
-    run.init_args(args, "lm")
-    if run.is_done():
-        return run.read_done()
-    return train_lm(args, run)
+    return run_once(run_dir, args, "lm", train_lm)
 
 
 def train_lm(args: LMArgs, run: RunDir) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 from polar_scaling.config import ConfigError, check, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
 from polar_scaling.errors import StageError
-from polar_scaling.rundir import RunDir
+from polar_scaling.rundir import RunDir, run_once
 from polar_scaling.stage_args import (
     BatchLayout,
     BudgetArgs,
@@ -69,11 +69,7 @@ class PretrainArgs:
 
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(PretrainArgs, config_path, overrides)
-    run = RunDir(run_dir)
-    run.init_args(args, "pretrain")
-    if run.is_done():
-        return run.read_done()
-    return train_reward_model(args, run)
+    return run_once(run_dir, args, "pretrain", train_reward_model)
 
 
 def train_reward_model(args: PretrainArgs, run: RunDir) -> dict:

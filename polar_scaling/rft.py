@@ -38,7 +38,7 @@ from typing import Literal
 
 from polar_scaling.config import check, load_config
 from polar_scaling.engine import EngineArgs, OptimArgs
-from polar_scaling.rundir import RunDir
+from polar_scaling.rundir import RunDir, run_once
 from polar_scaling.trainer import ScheduleArgs
 
 
@@ -183,11 +183,7 @@ ARGS = RFTArgs  # the sweep manager looks the stage's config class up by this na
 
 def run(config_path: Path | None, overrides: list[str], run_dir: Path) -> dict:
     args = load_config(RFTArgs, config_path, overrides)
-    run = RunDir(run_dir)
-    run.init_args(args, "rft")
-    if run.is_done():
-        return run.read_done()
-    return train_rft(args, run)
+    return run_once(run_dir, args, "rft", train_rft)
 
 
 def num_steps(budget: RFTBudgetArgs, rollouts: int, max_new_tokens: int) -> int:

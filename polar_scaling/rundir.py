@@ -6,13 +6,18 @@
     RUN/checkpoints/       NNNNNNNNNN/ (complete ones hold COMPLETE) written by the engine
     RUN/model/             the exported model (safetensors) when the run finishes
     RUN/done.json          summary, written last: its presence means the run is finished
+    RUN/.lock              held (flock) by the process running the stage; names its pid
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import socket
+import warnings
 from pathlib import Path
 
 import yaml
@@ -88,6 +93,31 @@ class RunDir:
 
         self.init(to_dict(args), stage, defaults=default_dict(type(args)))
 
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the run's lock while this process works on it: a second process launched on
+        the same directory (a relaunch while the first still runs, a duplicated job) is
+        refused, naming the holder, instead of writing the same checkpoints. Only rank 0
+        locks (the ranks of one run share the directory); a file system without locks
+        gets a warning."""
+        if int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) != 0:
+            yield
+            return
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _try_lock(fd, self.path)
+            if locked:
+                me = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, me, 0)
+            try:
+                yield
+            finally:
+                if locked:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
     def is_done(self) -> bool:
         return self.done_path.is_file()
 
@@ -99,6 +129,31 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         return read_jsonl(self.metrics_path)
+
+
+def _try_lock(fd: int, path: Path) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        raise RunDirError(f"{path} is in use by {holder}: two processes must not run one run "
+                          f"directory; relaunch it once that one has ended") from None
+    except OSError as e:  # e.g. a network file system mounted without lock support
+        warnings.warn(f"cannot lock {path} ({e}); make sure no other process runs it",
+                      stacklevel=3)
+        return False
+
+
+def run_once(run_dir: str | Path, args, stage: str, body) -> dict:
+    """The frame of every stage: check (or write) the run's config, hold its lock, and
+    return ``done.json`` when the run has finished, else ``body(args, run)``."""
+    run = RunDir(run_dir)
+    run.init_args(args, stage)
+    with run.exclusive():
+        if run.is_done():
+            return run.read_done()
+        return body(args, run)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -41,3 +43,40 @@ def test_default_dict_equals_an_instance_and_skips_validation():
     assert default_dict(PretrainArgs) == to_dict(PretrainArgs())
     d = default_dict(FinetuneArgs)  # FinetuneArgs() itself refuses: no training file
     assert d["engine"]["fused_kernels"] == "auto" and "train" in d["data"]
+
+
+def test_a_second_process_on_a_running_directory_is_refused(tmp_path):
+    """The run's lock: while one process runs a directory, another is refused, naming the
+    holder; the lock goes with the holder (also when it is killed)."""
+    import subprocess
+    import sys
+
+    run = RunDir(tmp_path / "run")
+    run.init({"a": 1}, "pretrain")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from polar_scaling.rundir import RunDir\n"
+         f"with RunDir({str(run.path)!r}).exclusive():\n"
+         "    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "RANK": "0"})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=rf"in use by pid {holder.pid} on "):
+            with run.exclusive():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run.exclusive():  # the killed holder's lock is gone
+        assert f"pid {os.getpid()} " in (run.path / ".lock").read_text()
+    with run.exclusive():  # and released at the end of the block
+        pass
+
+
+def test_other_ranks_do_not_lock(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    run.init({"a": 1}, "pretrain")
+    with run.exclusive():
+        monkeypatch.setenv("RANK", "1")
+        with run.exclusive():  # rank 1 of the same run shares the directory
+            pass
