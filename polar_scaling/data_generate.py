@@ -184,6 +184,11 @@ def run(config_path: Path | None, overrides: list[str], run_dir: Path,
 def generate(args: GenerateArgs, run_dir: Path) -> dict:
     """Write (or finish) the dataset of ``args`` in ``run_dir``; returns the summary."""
     runtime, rd = _open(args, run_dir)
+    with rd.exclusive():  # a second whole-dataset or finalize process is refused
+        return _write_dataset(args, run_dir, runtime, rd)
+
+
+def _write_dataset(args: GenerateArgs, run_dir: Path, runtime, rd: RunDir) -> dict:
     if (run_dir / MANIFEST).is_file():
         manifest = read_manifest(run_dir)
         plan = plan_shards(args)
@@ -301,6 +306,12 @@ def finalize_parts(args: GenerateArgs, run_dir: Path, parts: int) -> dict:
         raise StageError(f"{run_dir} holds no part of this dataset; write the parts first "
                          f"(polar-train generate ... --part I/{parts})")
     _, rd = _open(args, run_dir, runtime)
+    with rd.exclusive():
+        return _finalize(args, run_dir, parts, shards, runtime, rd)
+
+
+def _finalize(args: GenerateArgs, run_dir: Path, parts: int, shards: list[dict], runtime,
+              rd: RunDir) -> dict:
     known = _part_records(run_dir)
     old = read_manifest(run_dir) if (run_dir / MANIFEST).is_file() else {}
     for s in old.get("shards", []):

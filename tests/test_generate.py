@@ -42,8 +42,9 @@ def files(path: Path) -> dict[str, bytes]:
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
+    """The dataset's files (not .lock, which names whichever process last held the run)."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != ".lock"}
 
 
 def test_generation_is_deterministic(tiny_dataset, tmp_path):

@@ -63,9 +63,10 @@ def dataset_files(path: Path) -> dict[str, bytes]:
 
 
 def dataset_state(path: Path) -> dict[str, bytes]:
-    """Every file of the dataset but the sweep's own records of the run (sweep.json, ...)."""
+    """Every file of the dataset but the sweep's own records of the run (sweep.json, ...)
+    and the run's lock (which names the last process to hold it)."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name not in ("sweep.json", "sweep_events.jsonl")
+            if p.is_file() and p.name not in ("sweep.json", "sweep_events.jsonl", ".lock")
             and p.parts[len(path.parts)] != "logs"}
 
 
