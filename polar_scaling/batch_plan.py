@@ -137,8 +137,7 @@ def plan_batch(size: ModelSize, gpu_bytes: float, world: int, step_tokens: int,
 def _compact_plan(size: ModelSize, free: float, stage: int, ckpt: bool, world: int,
                   step_tokens: int, max_seq_len: int, fused: bool) -> BatchPlan | None:
     """The widest compact micro-batch that fits ``free`` bytes, or None."""
-    per_token = activation_bytes(size, 1, ckpt, fused)
-    fits = int(max(free, 0) // per_token) // COMPACT_STEP * COMPACT_STEP
+    fits = _fitting_tokens(size, free, ckpt, fused) // COMPACT_STEP * COMPACT_STEP
     least = math.ceil(max_seq_len / COMPACT_STEP) * COMPACT_STEP
     wanted = math.ceil(step_tokens / world / COMPACT_STEP) * COMPACT_STEP
     if fits < least:
@@ -156,6 +155,11 @@ def activation_budget_tokens(size: ModelSize, gpu_bytes: float, world: int, zero
     """Tokens a micro-batch may hold on one GPU once the model states of ``zero_stage`` are
     placed (0 when even they do not fit)."""
     free = headroom * gpu_bytes - FIXED_BYTES - state_bytes(size, zero_stage, world)
+    return _fitting_tokens(size, free, checkpointing, fused)
+
+
+def _fitting_tokens(size: ModelSize, free: float, checkpointing: bool, fused: bool) -> int:
+    """Tokens whose activations fit ``free`` bytes."""
     return max(0, int(free // activation_bytes(size, 1, checkpointing, fused)))
 
 
