@@ -35,6 +35,10 @@ mkdir -p "$fits"
 all=(--where "budget_tokens > 0$seed_q")
 fit compute_power --form power --x compute --envelope "${all[@]}"
 fit compute_saturating --form saturating --x compute --envelope "${all[@]}"
+# The envelope of finished runs only: a cosine run's loss before its schedule ends is above
+# what a run of that length reaches (Hoffmann et al. 2022, app. A), so the envelope of every
+# evaluation mixes un-annealed points into the middle of the curve (docs/experiment.md).
+fit compute_final --form power --x compute --envelope --final-only "${all[@]}"
 # N is the non-embedding parameter count, as in the compute formula (polar_scaling/sizes.py).
 final=(--x params --params non_embedding_params --final-only --where "budget_tokens == $budget$seed_q")
 fit params_power --form power "${final[@]}"
@@ -67,6 +71,7 @@ def show(name, title):
     return r
 show("compute_power", "loss vs compute (envelope)")
 show("compute_saturating", "loss vs compute, saturating")
+show("compute_final", "loss vs compute (finished runs)")
 show("params_power", "final loss vs parameters")
 r = show("params_extrapolation", "fit without the largest rung")
 x = (r or {}).get("extrapolation")
