@@ -49,6 +49,20 @@ def test_power_on_compute_envelope(results_csv, tmp_path):
     assert "| b |" in report and "power_compute.png" in report
 
 
+def test_compute_envelope_of_finished_runs(results_csv, tmp_path):
+    # --envelope --final-only: the envelope of each run's final point, not of every evaluation.
+    out = tmp_path / "final_env"
+    assert main(["fit", str(results_csv), "--form", "power", "--x", "compute", "--envelope",
+                 "--final-only", "--out", str(out), "--bootstrap", "0", "--no-plots"]) == 0
+    doc = load(out)
+    assert doc["selection"]["envelope"] is True and doc["selection"]["final_only"] is True
+    table = standardize(pd.read_csv(results_csv), need=("compute",))
+    env = lower_envelope(table[table["final"]])
+    direct = fit_power_law(env["compute"].to_numpy(), env["loss"].to_numpy())
+    assert doc["n_points"] == len(env) == 5
+    assert doc["b"] == pytest.approx(direct.params["b"], rel=1e-9)
+
+
 def test_power_on_params_uses_final_points(results_csv, tmp_path):
     out = tmp_path / "params"
     assert main(["fit", str(results_csv), "--form", "power", "--x", "params",
