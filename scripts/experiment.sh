@@ -2,6 +2,8 @@
 # The embedded POLAR scaling-law experiment, end to end:
 #   sweep (data -> base LMs -> reward models) -> results table -> fits and plots -> summary.
 # usage: scripts/experiment.sh [SWEEP.yaml] [sweep overrides ...]   (make demo runs it)
+#   EXECUTOR=slurm|local: how the sweep runs; default slurm where `sbatch` is on PATH and a
+#   controller answers (`sinfo`), else local (this machine, launch.parallelism jobs at a time)
 #   SEED=N: fit only the runs of seed N, into ROOT/fits-seedN (the runs of other seeds stay in
 #   the table): e.g. SEED=1 scripts/experiment.sh sweeps/tiny.yaml 'grid.seeds=[0,1]'
 set -euo pipefail
@@ -22,9 +24,14 @@ PY
 fits="$root/fits${SEED:+-seed$SEED}"
 seed_q=${SEED:+ and seed == $SEED}
 
-echo "== 1/3 sweep $SWEEP -> $root"
+if [[ -z ${EXECUTOR:-} ]] && command -v sbatch >/dev/null && ! timeout 30 sinfo -h >/dev/null 2>&1; then
+    EXECUTOR=local
+    echo "sbatch is here but no Slurm controller answers: the sweep runs on this machine"
+fi
+echo "== 1/3 sweep $SWEEP -> $root${EXECUTOR:+ (executor $EXECUTOR)}"
 # A failed run is reported by launch (with its log) and left out of the fits; the rest go on.
-"$BIN/polar-sweep" launch "$SWEEP" "$@" --wait || echo "some runs failed: see polar-sweep status $SWEEP"
+"$BIN/polar-sweep" launch "$SWEEP" "$@" ${EXECUTOR:+--executor "$EXECUTOR"} --wait \
+    || echo "some runs failed: see polar-sweep status $SWEEP"
 "$BIN/polar-sweep" collect "$SWEEP" "$@"
 
 echo "== 2/3 fits -> $fits"
