@@ -33,8 +33,16 @@ curve, and the reverse KL(target‖π)), the distance moved from the initial pol
 lengths, and the curves of the mean KL over seeds at the evaluation steps; wall time of
 each phase.
 
+With ``--bridges K`` the world also holds K policies between every pair of families
+(``world.bridges``: interpolations of the family bases, so the pool has policies at graded
+distances from the target, as a pool of checkpoints and fine-tunes does); everything else
+is the same, under ``runs/rft_bridges``; the path from the start to the target (per-token
+KL of the start, the bridges and the target to both ends) is reported too.
+
     python benchmarks/rft_experiment.py --root runs/rft_experiment
     python benchmarks/rft_experiment.py --regimes fixed_kl0 fixed_kl1 --jobs 1
+    python benchmarks/rft_experiment.py --bridges 4 --train-prompts 4000 --workers 1 \
+        --jobs 1 --regimes fixed_kl0 fixed_kl1
 """
 
 from __future__ import annotations
@@ -107,14 +115,28 @@ SKIP |= {(regime, "rm_large") for regime in ("kl0", "kl1", "kl3_long")}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", type=Path, default=ROOT_DIR / "runs" / "rft_experiment")
+    p.add_argument("--root", type=Path, default=None,
+                   help="default runs/rft_experiment, or runs/rft_bridges with --bridges")
+    p.add_argument("--bridges", type=int, default=0,
+                   help="world.bridges: policies between every pair of families")
+    p.add_argument("--across-sigma", type=float, default=None,
+                   help="world.across_sigma: family bases as perturbations of one root")
     p.add_argument("--train-prompts", type=int, default=16000)
+    p.add_argument("--workers", type=int, default=2, help="generation processes")
+    p.add_argument("--rms", nargs="*", default=list(RMS), choices=list(RMS),
+                   help="reward models to pre-train (the strong one is always needed)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=2, help="RFT runs at a time (one thread each)")
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--regimes", nargs="*", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--rft", nargs="*", default=[], help="extra key=value for every RFT run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.root is None:
+        args.root = ROOT_DIR / "runs" / ("rft_bridges" if args.bridges else "rft_experiment")
+    if "strong" not in args.rms:
+        p.error("--rms must include strong (the untrained RM and diagnostics use its shape)")
+    args.arms = [a for a in args.arms if not a.startswith("rm_") or a[3:] in args.rms]
+    return args
 
 
 def polar_train(stage: str, run_dir: Path, overrides: list[str]) -> dict:
@@ -220,6 +242,32 @@ def reward_alignment(data: Path, rm: Path, untrained: bool = False, init: str = 
             "corr_log_ratio_frequent": within(log_ratio, frequent)}
 
 
+def kl_along_path(data: Path, init: str = "f0m0", target: str = "f1m0",
+                  n: int = 64) -> list[dict]:
+    """At fixed length, on held-out prompts (``n`` x 4 samples): per-token KL(x‖init) and
+    KL(x‖target) for x the initial policy, the bridges between their families (if any) and
+    the target."""
+    import torch
+
+    from polar_scaling.kl import sequence_kl
+    from polar_scaling.rft_rollout import load_setup
+    from polar_scaling.world import bridge_ends
+
+    torch.set_num_threads(1)
+    ids = [p["policy_id"] for p in json.loads((data / "manifest.json").read_text())["policies"]]
+    a, b = sorted((int(init[1:].split("m")[0]), int(target[1:].split("m")[0])))
+    path = [init, *(i for i in ids if (bridge_ends(i) or (0, 0, 0))[:2] == (a, b)), target]
+    out = []
+    for x in path:
+        row = {"policy": x}
+        for name, end in (("kl_to_init", init), ("kl_to_target", target)):
+            s = load_setup(str(data), None, x, end, n, None, allow_eos=False)
+            row[name] = sequence_kl(s.init, s.target, s.eval_prompts[:n], 4,
+                                    seed=1).kl_per_token
+        out.append(row)
+    return out
+
+
 def run_evals(root: Path, regime: str, arm: str, seeds: int) -> list[list[dict]]:
     return [[r for r in read_jsonl(root / "rft" / regime / f"{arm}_s{s}" / "metrics.jsonl")
              if "true_kl" in r] for s in range(seeds)]
@@ -264,9 +312,11 @@ def main(argv=None) -> dict:
     walls: dict[str, float] = {}
     t_all = time.time()
     timed("generate", walls, polar_train, "generate", root / "data",
-          [*WORLD, f"prompts.train={args.train_prompts}", "workers=2"])
+          [*WORLD, f"world.bridges={args.bridges}", f"prompts.train={args.train_prompts}",
+           f"workers={args.workers}",
+           *([f"world.across_sigma={args.across_sigma}"] if args.across_sigma else [])])
     data = [f"data.dir={root / 'data'}"]
-    sizes = sorted({size for size, _ in RMS.values()})
+    sizes = sorted({RMS[name][0] for name in args.rms})
     timed("lm", walls, lambda: [polar_train("lm", root / f"lm_{size}", [*LM, *data,
                                                                        f"size={size}"])
                                 for size in sizes])
@@ -278,8 +328,8 @@ def main(argv=None) -> dict:
                             f"budget.tokens={RMS[name][1]}"])
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rms = dict(zip(RMS, timed("pretrain", walls, lambda: list(pool.map(pretrain, RMS))),
-                       strict=True))
+        rms = dict(zip(args.rms, timed("pretrain", walls,
+                                       lambda: list(pool.map(pretrain, args.rms))), strict=True))
 
     jobs = [(regime, arm, s) for regime in args.regimes for arm in args.arms
             for s in range(args.seeds) if (regime, arm) not in SKIP]
@@ -298,7 +348,10 @@ def main(argv=None) -> dict:
 
     results = {"walls_s": walls, "rft_runs": len(jobs),
                "rft_wall_per_run_s": round(float(np.mean(rft_walls)), 1),
-               "rft_config": RFT + args.rft, "rm": {}, "arms": {}}
+               "rft_config": RFT + args.rft, "bridges": args.bridges,
+               "across_sigma": args.across_sigma,
+               "world_kl": json.loads((root / "data" / "done.json").read_text()).get("kl"),
+               "path": kl_along_path(root / "data"), "rm": {}, "arms": {}}
     for name, done in rms.items():
         ev = done.get("final_eval", {})
         results["rm"][name] = {
@@ -323,6 +376,15 @@ def main(argv=None) -> dict:
 
 
 def print_report(res: dict) -> None:
+    kl = res.get("world_kl") or {}
+    if kl:
+        print(f"World ({res.get('bridges', 0)} bridges per pair of families): KL per token "
+              f"within a family {kl['within']['kl_per_token']:.2f}, across "
+              f"{kl['across']['kl_per_token']:.2f} (bridges count as families)")
+    if res.get("path"):
+        print("Path from the start to the target (fixed length, KL per token): "
+              + "; ".join(f"{r['policy']} {r['kl_to_init']:.2f} / {r['kl_to_target']:.2f}"
+                          for r in res["path"]) + "  (to init / to target)")
     print("\nReward models (accuracy on held-out prompts / held-out policies; P(target sample "
           "outscores an initial-policy sample, same reference)):")
     for name, r in res["rm"].items():
