@@ -8,6 +8,7 @@ finished runs and resumes unfinished ones):
 2. ``lm``: a base LM of each RM size on the world's text (POLAR starts RMs from a base LM);
 3. ``pretrain``: POLAR reward models from those bases: ``strong`` (t25k, 6M tokens), ``weak``
    (t25k, 0.3M tokens) and ``large`` (t100k, 6M tokens; used in the fixed-length regimes);
+   ``xl`` (t400k, 6M tokens) with ``--rms strong weak large xl``;
 4. ``rft``: PPO from ``f0m0`` (family 0) toward the target ``f1m0`` (family 1) at one budget,
    ``--seeds`` seeds per arm: the RMs, and three controls: an untrained
    RM of the same size (random weights), a random reward, and the oracle reward
@@ -81,7 +82,8 @@ PRETRAIN = ["data.same_family_share=0", "batch.size=32",
             "optim.lr=1e-3", "data.eval_pairs=256", "schedule.eval_points=10",
             "schedule.checkpoint_every=1000", "schedule.progress=false"]
 # name: (size, tokens); each size starts from its own base LM (``lm_SIZE``)
-RMS = {"strong": ("t25k", 6e6), "weak": ("t25k", 3e5), "large": ("t100k", 6e6)}
+RMS = {"strong": ("t25k", 6e6), "weak": ("t25k", 3e5), "large": ("t100k", 6e6),
+       "xl": ("t400k", 6e6)}  # xl only when asked for (--rms ... xl)
 RFT = ["policy.init=f0m0", "policy.target=f1m0", "budget.steps=60",
        "rollout.prompts_per_step=32", "rollout.samples_per_prompt=2", "ppo.minibatch=32",
        "ppo.epochs=2", "optim.lr=1e-3", "critic_optim.lr=3e-3", "eval.prompts=64",
@@ -91,6 +93,7 @@ ARMS = {
     "rm_strong": ["reward.mode=rm", "reward.model={root}/rm_strong/model"],
     "rm_weak": ["reward.mode=rm", "reward.model={root}/rm_weak/model"],
     "rm_large": ["reward.mode=rm", "reward.model={root}/rm_large/model"],
+    "rm_xl": ["reward.mode=rm", "reward.model={root}/rm_xl/model"],
     "untrained_rm": ["reward.mode=untrained_rm", "reward.model={root}/rm_strong/model"],
     "random": ["reward.mode=random"],
     "oracle": ["reward.mode=oracle"],
@@ -110,7 +113,7 @@ REGIMES["fixed_kl1_f2m0"] = [*REGIMES["fixed_kl1"], "policy.init=f2m0"]
 SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle"),
         ("fixed_kl1_f2m0", "oracle")}
 # The larger RM came with the fixed-length regimes.
-SKIP |= {(regime, "rm_large") for regime in ("kl0", "kl1", "kl3_long")}
+SKIP |= {(regime, arm) for regime in ("kl0", "kl1", "kl3_long") for arm in ("rm_large", "rm_xl")}
 
 
 def parse_args(argv=None):
@@ -123,7 +126,7 @@ def parse_args(argv=None):
                    help="world.across_sigma: family bases as perturbations of one root")
     p.add_argument("--train-prompts", type=int, default=16000)
     p.add_argument("--workers", type=int, default=2, help="generation processes")
-    p.add_argument("--rms", nargs="*", default=list(RMS), choices=list(RMS),
+    p.add_argument("--rms", nargs="*", default=["strong", "weak", "large"], choices=list(RMS),
                    help="reward models to pre-train (the strong one is always needed)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=2, help="RFT runs at a time (one thread each)")
