@@ -109,9 +109,11 @@ REGIMES = {"kl0": ["ppo.kl_coef=0"], "kl1": ["ppo.kl_coef=1.0"],
                          "reward.normalize=group"]}
 # The same from another start (family 2), where the RMs' local alignment is higher.
 REGIMES["fixed_kl1_f2m0"] = [*REGIMES["fixed_kl1"], "policy.init=f2m0"]
+# A lower KL penalty from there, tried after the KL-1 results (bridges world, xl RM).
+REGIMES["fixed_kl03_f2m0"] = [*REGIMES["fixed_kl1_f2m0"], "ppo.kl_coef=0.3"]
 # The oracle's reward already holds -log π: no KL penalty on top of it.
 SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle"),
-        ("fixed_kl1_f2m0", "oracle")}
+        ("fixed_kl1_f2m0", "oracle"), ("fixed_kl03_f2m0", "oracle")}
 # The larger RM came with the fixed-length regimes.
 SKIP |= {(regime, arm) for regime in ("kl0", "kl1", "kl3_long") for arm in ("rm_large", "rm_xl")}
 
