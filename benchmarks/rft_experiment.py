@@ -20,7 +20,7 @@ finished runs and resumes unfinished ones):
    (no KL penalty; the oracle too) and ``fixed_kl1`` (KL penalty 1, mean score over 4
    target references, scores centred per prompt: the best of a small scan on seed 100);
    and ``fixed_kl1_f2m0``, the same from the start ``f2m0`` (family 2), where the RMs'
-   local alignment is higher.
+   local alignment is higher (and ``fixed_kl03_f2m0``: KL penalty 0.3 from there).
 
 Printed (and written to ``ROOT/results.json``): per RM, accuracies and how often it ranks a
 target sample above an initial-policy sample; at fixed length, how the RM's score of the
