@@ -20,7 +20,8 @@ finished runs and resumes unfinished ones):
    (no KL penalty; the oracle too) and ``fixed_kl1`` (KL penalty 1, mean score over 4
    target references, scores centred per prompt: the best of a small scan on seed 100);
    and ``fixed_kl1_f2m0``, the same from the start ``f2m0`` (family 2), where the RMs'
-   local alignment is higher (and ``fixed_kl03_f2m0``: KL penalty 0.3 from there).
+   local alignment is higher (and ``fixed_kl03_f2m0``: KL penalty 0.3 from there;
+   ``fixed_kl03_f2m0_long`` and ``fixed_kl1_f2m0_long``: the same for 200 steps).
 
 Printed (and written to ``ROOT/results.json``): per RM, accuracies and how often it ranks a
 target sample above an initial-policy sample; at fixed length, how the RM's score of the
@@ -111,9 +112,16 @@ REGIMES = {"kl0": ["ppo.kl_coef=0"], "kl1": ["ppo.kl_coef=1.0"],
 REGIMES["fixed_kl1_f2m0"] = [*REGIMES["fixed_kl1"], "policy.init=f2m0"]
 # A lower KL penalty from there, tried after the KL-1 results (bridges world, xl RM).
 REGIMES["fixed_kl03_f2m0"] = [*REGIMES["fixed_kl1_f2m0"], "ppo.kl_coef=0.3"]
+# Both for 200 steps instead of 60, chosen after the 60-step results (11 log-spaced true-KL
+# evaluations from step 3); at KL 1 the trained RMs only (the controls ran at KL 0.3).
+LONG = ["budget.steps=200", "schedule.eval_points=11", "schedule.eval_first_fraction=0.015"]
+REGIMES["fixed_kl03_f2m0_long"] = [*REGIMES["fixed_kl03_f2m0"], *LONG]
+REGIMES["fixed_kl1_f2m0_long"] = [*REGIMES["fixed_kl1_f2m0"], *LONG]
 # The oracle's reward already holds -log π: no KL penalty on top of it.
 SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle"),
-        ("fixed_kl1_f2m0", "oracle"), ("fixed_kl03_f2m0", "oracle")}
+        ("fixed_kl1_f2m0", "oracle"), ("fixed_kl03_f2m0", "oracle"),
+        ("fixed_kl03_f2m0_long", "oracle"), ("fixed_kl1_f2m0_long", "oracle"),
+        ("fixed_kl1_f2m0_long", "untrained_rm"), ("fixed_kl1_f2m0_long", "random")}
 # The larger RM came with the fixed-length regimes.
 SKIP |= {(regime, arm) for regime in ("kl0", "kl1", "kl3_long") for arm in ("rm_large", "rm_xl")}
 
