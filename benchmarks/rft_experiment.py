@@ -50,6 +50,7 @@ KL of the start, the bridges and the target to both ends) is reported too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -98,6 +99,10 @@ ARMS = {
     "untrained_rm": ["reward.mode=untrained_rm", "reward.model={root}/rm_strong/model"],
     "random": ["reward.mode=random"],
     "oracle": ["reward.mode=oracle"],
+    # the oracle's log-ratio as one score per rollout (what a perfectly aligned RM could do)
+    "oracle_seq": ["reward.mode=oracle_sequence"],
+    # the Bayes-optimal POLAR discriminator of the pool (what RM pre-training converges to)
+    "ideal": ["reward.mode=ideal"],
 }
 # The paper's setting (no KL penalty); a KL penalty to the initial policy; and the best
 # setting of a small scan of KL coefficient and learning rate for the strong RM, done on
@@ -122,6 +127,8 @@ SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle"),
         ("fixed_kl1_f2m0", "oracle"), ("fixed_kl03_f2m0", "oracle"),
         ("fixed_kl03_f2m0_long", "oracle"), ("fixed_kl1_f2m0_long", "oracle"),
         ("fixed_kl1_f2m0_long", "untrained_rm"), ("fixed_kl1_f2m0_long", "random")}
+# The oracle's sequence score holds -log π as well: like the oracle, no penalty on top.
+SKIP |= {(regime, "oracle_seq") for regime in REGIMES if regime not in ("kl0", "fixed_kl0")}
 # The larger RM came with the fixed-length regimes.
 SKIP |= {(regime, arm) for regime in ("kl0", "kl1", "kl3_long") for arm in ("rm_large", "rm_xl")}
 
@@ -210,49 +217,80 @@ def reward_gap(data: Path, rm: Path, n: int = 200) -> dict:
             "score_sd": float(np.concatenate([t, i]).std())}
 
 
-def reward_alignment(data: Path, rm: Path, untrained: bool = False, init: str = "f0m0",
-                     n: int = 200, samples: int = 8, refs: int = 4) -> dict:
-    """At fixed length, on held-out prompts: P(a target sample outscores an initial-policy
-    sample) against the same target reference; and among the initial policy's own samples
-    (``samples`` per prompt, scored as the mean over ``refs`` target references), the
-    within-prompt correlation of the score with the true log-ratio ``log t(y) - log init(y)``
-    and with the count of the target's three most frequent tokens."""
+@functools.lru_cache(maxsize=4)
+def alignment_samples(data: Path, init: str = "f0m0", n: int = 200, samples: int = 8,
+                      refs: int = 4):
+    """At fixed length, on ``n`` held-out prompts: ``refs`` target references per prompt,
+    ``samples`` samples of the initial policy and of the target per prompt, the initial
+    samples' true log-ratio ``log t(y) - log init(y)``, their count of the target's three most
+    frequent tokens, and their ideal (Bayes-optimal POLAR) scores, mean over the references."""
     import torch
 
-    from polar_scaling.rft_rollout import RMReward, load_setup
-    from polar_scaling.world import derive_seed
+    from polar_scaling.ideal_reward import IdealReward
+    from polar_scaling.rft_rollout import load_setup
 
     torch.set_num_threads(1)
     s = load_setup(str(data), None, init, "f1m0", n, None, allow_eos=False)
     prompts = s.eval_prompts[:n]
-    reward = RMReward(rm, s.tokenizer, untrained_seed=derive_seed(0, "untrained-rm")
-                      if untrained else None)
     references = s.target.generate(prompts, refs, seed=11)
     rep = [p for p in prompts for _ in range(samples)]
-    init = s.init.generate(prompts, samples, seed=12, full_distribution=True)
+    start = s.init.generate(prompts, samples, seed=12, full_distribution=True)
     target = s.target.generate(prompts, samples, seed=13, full_distribution=True)
-
-    def score(cands, j):  # against each prompt's j-th reference
-        return reward(rep, [references[(i // samples) * refs + j] for i in range(len(rep))],
-                      cands).numpy()
-
-    t_wins = float((score(target, 0) > score(init, 0)).mean())
-    scores = np.mean([score(init, j) for j in range(refs)], axis=0)
     log_ratio = np.array([a.sum() - b.sum() for a, b in zip(
-        s.target.logprobs(rep, init), s.init.logprobs(rep, init), strict=True)])
+        s.target.logprobs(rep, start), s.init.logprobs(rep, start), strict=True)])
     counts = np.bincount(np.concatenate(references), minlength=len(s.tokenizer))
     top = np.argsort(-counts)[:3]
-    frequent = np.array([np.isin(y, top).sum() for y in init], dtype=float)
+    frequent = np.array([np.isin(y, top).sum() for y in start], dtype=float)
+    out = {"prompts": rep, "references": references, "init": start, "target": target,
+           "log_ratio": log_ratio, "frequent": frequent, "samples": samples, "refs": refs,
+           "tokenizer": s.tokenizer}
+    out["ideal_scores"] = mean_score(IdealReward(data, s.max_new_tokens), out, "init")
+    return out
 
-    def within(x, y):  # correlation of the within-prompt deviations
-        cx = x.reshape(-1, samples) - x.reshape(-1, samples).mean(1, keepdims=True)
-        cy = y.reshape(-1, samples) - y.reshape(-1, samples).mean(1, keepdims=True)
-        return float(np.corrcoef(cx.ravel(), cy.ravel())[0, 1])
 
+def mean_score(reward, a: dict, which: str, refs: list[int] | None = None) -> np.ndarray:
+    """Scores of ``a[which]`` against each prompt's references ``refs`` (default all),
+    averaged over them."""
+    k, n = a["refs"], a["samples"]
+    return np.mean([reward(a["prompts"], [a["references"][(i // n) * k + j]
+                                           for i in range(len(a["prompts"]))],
+                           a[which]).numpy() for j in (refs or range(k))], axis=0)
+
+
+def within(x, y, samples: int) -> float:
+    """Correlation of the within-prompt deviations of x and y."""
+    cx = x.reshape(-1, samples) - x.reshape(-1, samples).mean(1, keepdims=True)
+    cy = y.reshape(-1, samples) - y.reshape(-1, samples).mean(1, keepdims=True)
+    return float(np.corrcoef(cx.ravel(), cy.ravel())[0, 1])
+
+
+def reward_alignment(data: Path, rm: Path | None, untrained: bool = False,
+                     init: str = "f0m0") -> dict:
+    """At fixed length, on held-out prompts (:func:`alignment_samples`): P(a target sample
+    outscores an initial-policy sample) against the same target reference; and among the
+    initial policy's own samples, scored as the mean over the target references, the
+    within-prompt correlation of the score with the true log-ratio ``log t(y) - log init(y)``,
+    with the ideal (Bayes-optimal POLAR) score, and with the count of the target's three most
+    frequent tokens. ``rm=None``: the ideal reward itself."""
+    from polar_scaling.ideal_reward import IdealReward
+    from polar_scaling.rft_rollout import RMReward
+    from polar_scaling.world import derive_seed
+
+    a = alignment_samples(data, init)
+    if rm is None:
+        reward = IdealReward(data, len(a["init"][0]))
+    else:
+        reward = RMReward(rm, a["tokenizer"], untrained_seed=derive_seed(0, "untrained-rm")
+                          if untrained else None)
+    n = a["samples"]
+    t_wins = float((mean_score(reward, a, "target", [0])
+                    > mean_score(reward, a, "init", [0])).mean())
+    scores = a["ideal_scores"] if rm is None else mean_score(reward, a, "init")
     return {"fixed_p_target_wins": t_wins,
-            "corr_score_log_ratio": within(scores, log_ratio),
-            "corr_score_frequent": within(scores, frequent),
-            "corr_log_ratio_frequent": within(log_ratio, frequent)}
+            "corr_score_log_ratio": within(scores, a["log_ratio"], n),
+            "corr_score_ideal": within(scores, a["ideal_scores"], n),
+            "corr_score_frequent": within(scores, a["frequent"], n),
+            "corr_log_ratio_frequent": within(a["log_ratio"], a["frequent"], n)}
 
 
 def kl_along_path(data: Path, init: str = "f0m0", target: str = "f1m0",
@@ -375,8 +413,10 @@ def main(argv=None) -> dict:
             **reward_alignment(root / "data", root / f"rm_{name}" / "model")}
     results["rm"]["untrained"] = reward_alignment(root / "data", root / "rm_strong" / "model",
                                                   untrained=True)
+    results["rm"]["ideal"] = reward_alignment(root / "data", None)
     for name, r in results["rm"].items():  # the same diagnostic from the second start
-        model = root / f"rm_{'strong' if name == 'untrained' else name}" / "model"
+        model = (None if name == "ideal" else
+                 root / f"rm_{'strong' if name == 'untrained' else name}" / "model")
         r["from_f2m0"] = reward_alignment(root / "data", model, untrained=name == "untrained",
                                           init="f2m0")
     for regime, arm, _ in jobs:
@@ -407,13 +447,15 @@ def print_report(res: dict) -> None:
                   f"P(target wins) {r['p_target_wins']:.3f}, gap {r['gap']:.2f} "
                   f"(score sd {r['score_sd']:.2f})")
     print("\nAt fixed length: P(target sample wins); within-prompt correlation, over the initial "
-          "policy's samples, of the score with log t(y) - log init(y) and with the count of the "
-          "target's 3 most frequent tokens (and of those two with each other):")
+          "policy's samples, of the score with log t(y) - log init(y), with the ideal "
+          "(Bayes-optimal POLAR) score and with the count of the target's 3 most frequent "
+          "tokens (and of those two with each other):")
     for name, rm in res["rm"].items():
         for start, r in (("f0m0", rm), ("f2m0", rm.get("from_f2m0", {}))):
             if "corr_score_log_ratio" in r:
                 print(f"  {name}, init {start}: P(target wins) {r['fixed_p_target_wins']:.3f}, "
                       f"corr(score, log-ratio) {r['corr_score_log_ratio']:+.3f}, "
+                      f"corr(score, ideal) {r['corr_score_ideal']:+.3f}, "
                       f"corr(score, frequent) {r['corr_score_frequent']:+.3f}, "
                       f"corr(log-ratio, frequent) {r['corr_log_ratio_frequent']:+.3f}")
     print("\n| regime/arm | KL(π‖t) start → end | fall | per token start → end | per-token "

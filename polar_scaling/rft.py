@@ -11,7 +11,11 @@ a frozen copy of the initial policy for an optional KL penalty (``ppo.kl_coef``,
 Reward modes (``reward.mode``): ``rm`` (the POLAR reward model in ``reward.model``), and
 controls: ``untrained_rm`` (the same architecture with fresh random weights), ``random``
 (noise independent of the rollout) and ``oracle`` (per-token ``log target - log π``, whose
-expected sum is minus the true KL: the best any reward could do). Options against length
+expected sum is minus the true KL: the best any reward could do); in a synthetic world also
+``oracle_sequence`` (the oracle's sum as one score per rollout, placed like an RM's: what a
+perfectly aligned sequence-level reward could do) and ``ideal`` (the Bayes-optimal POLAR
+discriminator of the world's pool, :mod:`polar_scaling.ideal_reward`: the optimum of the
+pre-training objective that a trained RM approximates). Options against length
 artefacts and reward noise: ``policy.allow_eos=false`` (every policy writes exactly
 ``max_new_tokens`` tokens), ``reward.references`` (mean score over several target
 references) and ``reward.normalize`` (scores centred or whitened per prompt group).
@@ -61,7 +65,7 @@ class PolicyArgs:
 
 @dataclass
 class RewardArgs:
-    mode: Literal["rm", "untrained_rm", "random", "oracle"] = "rm"
+    mode: Literal["rm", "untrained_rm", "random", "oracle", "oracle_sequence", "ideal"] = "rm"
     model: str | None = None  # a reward-model folder (a pretrain run's RUN/model)
     batch_size: int = field(default=64, metadata={"ge": 1})
     # Target references per prompt; a rollout's reward is its mean RM score over them (less
@@ -70,6 +74,9 @@ class RewardArgs:
     # Scores per prompt group (the samples_per_prompt rollouts of one prompt) before the KL
     # penalty: none; group (minus the group mean); group_whiten (also over the group's sd).
     normalize: Literal["none", "group", "group_whiten"] = "none"
+    # reward.mode=ideal: the share of the pool's negatives that come from the reference
+    # policy's own family (as data.same_family_share of the RMs it stands for)
+    same_family_share: float = field(default=0.0, metadata={"ge": 0, "le": 1})
 
     def __post_init__(self):
         check(self.mode not in ("rm", "untrained_rm") or self.model is not None, "model",
@@ -169,8 +176,10 @@ class RFTArgs:
               "must divide ppo.minibatch")
         check(self.engine.zero_stage < 3, "engine.zero_stage",
               "rollouts run generate on the actor's full weights: use ZeRO 0-2")
-        check(self.reward.mode != "oracle" or self.policy.target is not None, "reward.mode",
-              "the oracle reward needs policy.target")
+        check(not self.reward.mode.startswith("oracle") or self.policy.target is not None,
+              "reward.mode", f"the {self.reward.mode} reward needs policy.target")
+        check(self.reward.mode != "ideal" or self.data.dir is not None, "reward.mode",
+              "the ideal reward is that of a synthetic world's pool: it needs data.dir")
         check(self.reward.references == 1 or self.policy.target is not None,
               "reward.references", "several references per prompt need policy.target "
               "(a prompt file holds one reference per prompt)")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from polar_scaling.engine import Engine, complete_checkpoints
+from polar_scaling.ideal_reward import IdealReward
 from polar_scaling.policies import SamplingConfig
 from polar_scaling.rft_ppo import (
     RolloutBatch,
@@ -60,6 +61,9 @@ class PPOStep:
                                    untrained_seed=untrained)
         elif mode == "random":
             self.reward = RandomReward(args.seed)
+        elif mode == "ideal":
+            self.reward = IdealReward(args.data.dir, s.max_new_tokens,
+                                      args.reward.same_family_share)
         else:
             self.reward = None  # oracle: per-token rewards from the target's log-probabilities
         r = args.rollout
@@ -112,6 +116,9 @@ class PPOStep:
         else:
             if a.reward.mode == "random":
                 scores = self.reward.scores(n, step, self.rank)
+            elif a.reward.mode == "oracle_sequence":
+                scores = oracle_token_rewards(s.target, prompts, responses, old_logp,
+                                              batch.mask).sum(1)
             else:
                 scores = self.score(prompts, refs, responses)
             rewards = token_rewards(normalize_groups(scores, a.rollout.samples_per_prompt,

@@ -378,13 +378,15 @@ def test_local_policy_folder_with_another_tokenizer_is_refused(tiny_dataset, rm_
     (["engine.zero_stage=3"], "engine.zero_stage"),
     (["budget.steps=5", "budget.tokens=1e5"], "budget.steps"),
     (["policy.target=null", "reward.mode=oracle"], "reward.mode"),
+    (["policy.target=null", "reward.mode=oracle_sequence"], "reward.mode"),
+    (["data.dir=null", "reward.mode=ideal"], "reward.mode"),  # no pool to be ideal for
     (["policy.target=null", "reward.references=2"], "reward.references"),
     (["rollout.samples_per_prompt=1", "ppo.minibatch=32", "reward.normalize=group"],
      "reward.normalize"),
     (["reward.mode=oracle", "reward.normalize=group"], "reward.normalize"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, key):
-    if key != "reward.model":
+    if key != "reward.model" and not any(o.startswith("reward.mode=") for o in override):
         override = ["reward.mode=random", *override]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         run_stage("rft", None, override, tmp_path / "run")
