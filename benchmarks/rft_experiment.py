@@ -35,6 +35,13 @@ curve, and the reverse KL(target‖π)), the distance moved from the initial pol
 lengths, and the curves of the mean KL over seeds at the evaluation steps; wall time of
 each phase.
 
+Two more arms bound what any reward model could do: ``oracle_seq`` (the oracle's log-ratio
+as one score per rollout, like an RM's) and ``ideal`` (``reward.mode=ideal``: the
+Bayes-optimal POLAR discriminator of the world's pool, which RM pre-training converges to
+with unlimited data and capacity); the diagnostics also report the ideal discriminator's
+accuracy on the RMs' held-out pairs and how each RM's scores correlate with its scores.
+``--logit-scale`` changes how far apart the policies' distributions are.
+
 With ``--bridges K`` the world also holds K policies between every pair of families
 (``world.bridges``: interpolations of the family bases, so the pool has policies at graded
 distances from the target, as a pool of checkpoints and fine-tunes does); everything else
@@ -85,7 +92,7 @@ PRETRAIN = ["data.same_family_share=0", "batch.size=32",
             "schedule.checkpoint_every=1000", "schedule.progress=false"]
 # name: (size, tokens); each size starts from its own base LM (``lm_SIZE``)
 RMS = {"strong": ("t25k", 6e6), "weak": ("t25k", 3e5), "large": ("t100k", 6e6),
-       "xl": ("t400k", 6e6)}  # xl only when asked for (--rms ... xl)
+       "xl": ("t400k", 6e6), "xxl": ("t1.6m", 6e6)}  # xl, xxl only when asked for (--rms)
 RFT = ["policy.init=f0m0", "policy.target=f1m0", "budget.steps=60",
        "rollout.prompts_per_step=32", "rollout.samples_per_prompt=2", "ppo.minibatch=32",
        "ppo.epochs=2", "optim.lr=1e-3", "critic_optim.lr=3e-3", "eval.prompts=64",
@@ -96,6 +103,7 @@ ARMS = {
     "rm_weak": ["reward.mode=rm", "reward.model={root}/rm_weak/model"],
     "rm_large": ["reward.mode=rm", "reward.model={root}/rm_large/model"],
     "rm_xl": ["reward.mode=rm", "reward.model={root}/rm_xl/model"],
+    "rm_xxl": ["reward.mode=rm", "reward.model={root}/rm_xxl/model"],
     "untrained_rm": ["reward.mode=untrained_rm", "reward.model={root}/rm_strong/model"],
     "random": ["reward.mode=random"],
     "oracle": ["reward.mode=oracle"],
@@ -130,7 +138,8 @@ SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle"),
 # The oracle's sequence score holds -log π as well: like the oracle, no penalty on top.
 SKIP |= {(regime, "oracle_seq") for regime in REGIMES if regime not in ("kl0", "fixed_kl0")}
 # The larger RM came with the fixed-length regimes.
-SKIP |= {(regime, arm) for regime in ("kl0", "kl1", "kl3_long") for arm in ("rm_large", "rm_xl")}
+SKIP |= {(regime, arm) for regime in ("kl0", "kl1", "kl3_long")
+         for arm in ("rm_large", "rm_xl", "rm_xxl")}
 
 
 def parse_args(argv=None):
@@ -141,16 +150,25 @@ def parse_args(argv=None):
                    help="world.bridges: policies between every pair of families")
     p.add_argument("--across-sigma", type=float, default=None,
                    help="world.across_sigma: family bases as perturbations of one root")
+    p.add_argument("--logit-scale", type=float, default=3.0,
+                   help="world.logit_scale: lower makes the policies' distributions overlap more")
     p.add_argument("--train-prompts", type=int, default=16000)
     p.add_argument("--workers", type=int, default=2, help="generation processes")
     p.add_argument("--rms", nargs="*", default=["strong", "weak", "large"], choices=list(RMS),
                    help="reward models to pre-train (the strong one is always needed)")
+    p.add_argument("--rm-tokens", nargs="*", default=[], metavar="NAME=TOKENS",
+                   help="pre-training tokens of an RM other than its default (e.g. xl=2.4e7)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=2, help="RFT runs at a time (one thread each)")
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--regimes", nargs="*", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--rft", nargs="*", default=[], help="extra key=value for every RFT run")
     args = p.parse_args(argv)
+    for item in args.rm_tokens:
+        name, _, tokens = item.partition("=")
+        if name not in RMS or not tokens:
+            p.error(f"--rm-tokens {item}: expected NAME=TOKENS with NAME one of {list(RMS)}")
+        RMS[name] = (RMS[name][0], float(tokens))
     if args.root is None:
         args.root = ROOT_DIR / "runs" / ("rft_bridges" if args.bridges else "rft_experiment")
     if "strong" not in args.rms:
@@ -293,6 +311,28 @@ def reward_alignment(data: Path, rm: Path | None, untrained: bool = False,
             "corr_log_ratio_frequent": within(a["log_ratio"], a["frequent"], n)}
 
 
+def ideal_accuracy(data: Path, n: int = 256) -> dict:
+    """The ideal (Bayes-optimal POLAR) discriminator on the held-out-prompt pairs the RMs are
+    evaluated on (the first ``n``): its accuracy and Bradley-Terry loss, the ceiling of an
+    RM's ``eval_accuracy`` / ``eval_loss`` (up to the data's top-p truncation)."""
+    import torch
+
+    from polar_scaling.data import TripletSource
+    from polar_scaling.ideal_reward import IdealReward
+    from polar_scaling.pretrain import EVAL_SEED
+
+    torch.set_num_threads(1)
+    t = TripletSource(data, "heldout_prompts", seed=EVAL_SEED, same_family_share=0.0)
+    cap = json.loads((data / "manifest.json").read_text())["config"]["sampling"][
+        "max_new_tokens"]
+    ideal = IdealReward(data, cap)
+    prompts, refs = [list(t.prompt[i]) for i in range(n)], [list(t.reference[i]) for i in range(n)]
+    pos = ideal(prompts, refs, [list(t.positive[i]) for i in range(n)]).numpy()
+    neg = ideal(prompts, refs, [list(t.negative[i]) for i in range(n)]).numpy()
+    return {"accuracy": float((pos > neg).mean()),
+            "loss": float(np.logaddexp(0, neg - pos).mean())}
+
+
 def kl_along_path(data: Path, init: str = "f0m0", target: str = "f1m0",
                   n: int = 64) -> list[dict]:
     """At fixed length, on held-out prompts (``n`` x 4 samples): per-token KL(x‖init) and
@@ -365,6 +405,7 @@ def main(argv=None) -> dict:
     timed("generate", walls, polar_train, "generate", root / "data",
           [*WORLD, f"world.bridges={args.bridges}", f"prompts.train={args.train_prompts}",
            f"workers={args.workers}",
+           f"world.logit_scale={args.logit_scale}",
            *([f"world.across_sigma={args.across_sigma}"] if args.across_sigma else [])])
     data = [f"data.dir={root / 'data'}"]
     sizes = sorted({RMS[name][0] for name in args.rms})
@@ -400,7 +441,7 @@ def main(argv=None) -> dict:
     results = {"walls_s": walls, "rft_runs": len(jobs),
                "rft_wall_per_run_s": round(float(np.mean(rft_walls)), 1),
                "rft_config": RFT + args.rft, "bridges": args.bridges,
-               "across_sigma": args.across_sigma,
+               "across_sigma": args.across_sigma, "logit_scale": args.logit_scale,
                "world_kl": json.loads((root / "data" / "done.json").read_text()).get("kl"),
                "path": kl_along_path(root / "data"), "rm": {}, "arms": {}}
     for name, done in rms.items():
@@ -413,7 +454,8 @@ def main(argv=None) -> dict:
             **reward_alignment(root / "data", root / f"rm_{name}" / "model")}
     results["rm"]["untrained"] = reward_alignment(root / "data", root / "rm_strong" / "model",
                                                   untrained=True)
-    results["rm"]["ideal"] = reward_alignment(root / "data", None)
+    results["rm"]["ideal"] = {**reward_alignment(root / "data", None),
+                              **{f"ideal_{k}": v for k, v in ideal_accuracy(root / "data").items()}}
     for name, r in results["rm"].items():  # the same diagnostic from the second start
         model = (None if name == "ideal" else
                  root / f"rm_{'strong' if name == 'untrained' else name}" / "model")
@@ -446,6 +488,11 @@ def print_report(res: dict) -> None:
                   f" / {r['heldout_policies_accuracy']:.3f}, loss {r['eval_loss']:.3f}, "
                   f"P(target wins) {r['p_target_wins']:.3f}, gap {r['gap']:.2f} "
                   f"(score sd {r['score_sd']:.2f})")
+    ideal = res["rm"].get("ideal", {})
+    if "ideal_accuracy" in ideal:
+        print(f"  ideal (Bayes-optimal POLAR discriminator of the pool): accuracy "
+              f"{ideal['ideal_accuracy']:.3f}, loss {ideal['ideal_loss']:.3f} on the RMs' "
+              f"held-out-prompt pairs")
     print("\nAt fixed length: P(target sample wins); within-prompt correlation, over the initial "
           "policy's samples, of the score with log t(y) - log init(y), with the ideal "
           "(Bayes-optimal POLAR) score and with the count of the target's 3 most frequent "
