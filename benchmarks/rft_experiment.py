@@ -8,7 +8,8 @@ finished runs and resumes unfinished ones):
 2. ``lm``: a base LM of each RM size on the world's text (POLAR starts RMs from a base LM);
 3. ``pretrain``: POLAR reward models from those bases: ``strong`` (t25k, 6M tokens), ``weak``
    (t25k, 0.3M tokens) and ``large`` (t100k, 6M tokens; used in the fixed-length regimes);
-   ``xl`` (t400k, 6M tokens) with ``--rms strong weak large xl``;
+   ``xl`` (t400k, 6M tokens), ``xl_long`` (t400k, 24M tokens: needs ``--train-prompts
+   16000``) and ``xxl`` (t1.6m, 6M tokens) when named in ``--rms``;
 4. ``rft``: PPO from ``f0m0`` (family 0) toward the target ``f1m0`` (family 1) at one budget,
    ``--seeds`` seeds per arm: the RMs, and three controls: an untrained
    RM of the same size (random weights), a random reward, and the oracle reward
@@ -92,7 +93,8 @@ PRETRAIN = ["data.same_family_share=0", "batch.size=32",
             "schedule.checkpoint_every=1000", "schedule.progress=false"]
 # name: (size, tokens); each size starts from its own base LM (``lm_SIZE``)
 RMS = {"strong": ("t25k", 6e6), "weak": ("t25k", 3e5), "large": ("t100k", 6e6),
-       "xl": ("t400k", 6e6), "xxl": ("t1.6m", 6e6)}  # xl, xxl only when asked for (--rms)
+       "xl": ("t400k", 6e6), "xl_long": ("t400k", 2.4e7),  # 24M tokens: --train-prompts 16000
+       "xxl": ("t1.6m", 6e6)}  # xl, xl_long, xxl only when asked for (--rms)
 RFT = ["policy.init=f0m0", "policy.target=f1m0", "budget.steps=60",
        "rollout.prompts_per_step=32", "rollout.samples_per_prompt=2", "ppo.minibatch=32",
        "ppo.epochs=2", "optim.lr=1e-3", "critic_optim.lr=3e-3", "eval.prompts=64",
@@ -103,6 +105,7 @@ ARMS = {
     "rm_weak": ["reward.mode=rm", "reward.model={root}/rm_weak/model"],
     "rm_large": ["reward.mode=rm", "reward.model={root}/rm_large/model"],
     "rm_xl": ["reward.mode=rm", "reward.model={root}/rm_xl/model"],
+    "rm_xl_long": ["reward.mode=rm", "reward.model={root}/rm_xl_long/model"],
     "rm_xxl": ["reward.mode=rm", "reward.model={root}/rm_xxl/model"],
     "untrained_rm": ["reward.mode=untrained_rm", "reward.model={root}/rm_strong/model"],
     "random": ["reward.mode=random"],
@@ -139,7 +142,7 @@ SKIP = {("kl1", "oracle"), ("kl3_long", "oracle"), ("fixed_kl1", "oracle"),
 SKIP |= {(regime, "oracle_seq") for regime in REGIMES if regime not in ("kl0", "fixed_kl0")}
 # The larger RM came with the fixed-length regimes.
 SKIP |= {(regime, arm) for regime in ("kl0", "kl1", "kl3_long")
-         for arm in ("rm_large", "rm_xl", "rm_xxl")}
+         for arm in ("rm_large", "rm_xl", "rm_xl_long", "rm_xxl")}
 
 
 def parse_args(argv=None):
