@@ -11,9 +11,9 @@ a frozen copy of the initial policy for an optional KL penalty (``ppo.kl_coef``,
 Reward modes (``reward.mode``): ``rm`` (the POLAR reward model in ``reward.model``), and
 controls: ``untrained_rm`` (the same architecture with fresh random weights), ``random``
 (noise independent of the rollout) and ``oracle`` (per-token ``log target - log π``, whose
-expected sum is minus the true KL: the best any reward could do); in a synthetic world also
-``oracle_sequence`` (the oracle's sum as one score per rollout, placed like an RM's: what a
-perfectly aligned sequence-level reward could do) and ``ideal`` (the Bayes-optimal POLAR
+expected sum is minus the true KL: the best any reward could do); ``oracle_sequence`` (the
+oracle's sum as one score per rollout, placed like an RM's: what a perfectly aligned
+sequence-level reward could do); and in a synthetic world ``ideal`` (the Bayes-optimal POLAR
 discriminator of the world's pool, :mod:`polar_scaling.ideal_reward`: the optimum of the
 pre-training objective that a trained RM approximates). Options against length
 artefacts and reward noise: ``policy.allow_eos=false`` (every policy writes exactly
