@@ -13,41 +13,14 @@ set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 BUDGET=${CHECK_BUDGET_S:-390}
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-unset DS_ACCELERATOR  # the Makefile's CPU default must not reach the GPU run
+source benchmarks/gpu_env.sh
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 START=$SECONDS
-
-# step NAME TIMEOUT_S COMMAND...: run with a time box cut to what is left of the budget.
-step() {
-    local name=$1 limit=$2
-    shift 2
-    local left=$((BUDGET - (SECONDS - START)))
-    if ((left < 20)); then
-        echo "=== $name: SKIPPED (${left}s of the ${BUDGET}s budget left)"
-        echo "$name skipped" >>"$OUT/steps.txt"
-        return
-    fi
-    ((limit > left)) && limit=$left
-    echo "=== $name (timeout ${limit}s, t=$((SECONDS - START))s)"
-    local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "=== $name: rc=$rc in $((SECONDS - t0))s"
-    echo "$name rc=$rc seconds=$((SECONDS - t0))" >>"$OUT/steps.txt"
-}
 
 # 1. Environment -------------------------------------------------------------------------
 echo "=== environment"
 nvidia-smi || echo "nvidia-smi failed"
-if [ -d .whl ]; then
-    echo "installing $(ls .whl | wc -l) wheels from .whl/ into /tmp/site"
-    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-        || echo "wheel install failed"
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+install_wheels
 step versions 60 $PY - <<'EOF'
 import importlib, importlib.util, inspect, platform
 print("python", platform.python_version())

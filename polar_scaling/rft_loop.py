@@ -36,6 +36,7 @@ from polar_scaling.rft_rollout import (
     actor_view,
     load_setup,
     oracle_token_rewards,
+    place_frozen,
     step_prompts,
     strip_eos,
     trainable_copy,
@@ -85,6 +86,8 @@ class PPOStep:
                             self.micro, accum, run.path)
         self.critic = Engine(critic_model, args.engine, args.critic_optim,
                              self.num_steps * updates, self.micro, accum, None)
+        place_frozen(s, self.reward, self.actor.device,
+                     next(self.actor.module.parameters()).dtype)
         sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                   max_new_tokens=s.max_new_tokens,
                                   batch_size=max(self.rollouts_rank, 1))

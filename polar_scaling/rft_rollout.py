@@ -73,6 +73,27 @@ def trainable_copy(policy: HFPolicy) -> torch.nn.Module:
     return model.train()
 
 
+def place_frozen(setup: Setup, reward, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the frozen models next to the actor: the initial policy (the KL reference) and
+    the reward model to ``device`` in the actor's ``dtype`` (so the reference's log-probs of
+    the untouched actor match its own exactly), the target policy to ``device`` in its own
+    dtype (it writes references and is the true KL's yardstick). On CPU in fp32, a no-op."""
+    def cast(model: torch.nn.Module) -> None:
+        # Parameters only, as DeepSpeed casts the actor: buffers such as the rotary
+        # frequencies stay fp32 (``module.to(dtype)`` would round them too).
+        model.to(device=device)
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+
+    cast(setup.init.model)
+    if setup.target is not None:
+        setup.target.model.to(device=device)
+    model = getattr(reward, "model", None)
+    if isinstance(model, torch.nn.Module):
+        cast(model)
+
+
 # --------------------------------------------------------------------------- loading
 
 

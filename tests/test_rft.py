@@ -213,6 +213,36 @@ def test_stage_end_to_end_writes_metrics_evals_checkpoints_and_model(tiny_datase
     assert run_stage("rft", None, overrides, run) == json.loads((run / "done.json").read_text())
 
 
+def test_bf16_run_puts_the_reference_and_reward_model_in_the_actors_dtype(
+        tiny_dataset, rm_dir, tmp_path, one_thread):
+    # As on a GPU: DeepSpeed casts the actor to bf16; the frozen initial policy (the KL
+    # reference) and the RM follow it, so the untouched actor's log-ratio to the reference
+    # is exactly 0 at the first step. The target stays fp32 (the true KL's yardstick).
+    from polar_scaling.config import load_config
+    from polar_scaling.dist_env import init_distributed
+    from polar_scaling.rft import RFTArgs
+    from polar_scaling.rft_loop import PPOStep
+    from polar_scaling.rundir import RunDir
+
+    args = load_config(RFTArgs, None, [
+        f"data.dir={tiny_dataset}", f"reward.model={rm_dir}", "reward.mode=rm",
+        "engine.precision=bf16", "ppo.kl_coef=0.1", "budget.steps=2", *SMALL])
+    init_distributed()
+    run = RunDir(tmp_path / "bf16")
+    run.path.mkdir()
+    ppo = PPOStep(args, run, 0, 1)
+    dtype = lambda m: next(m.parameters()).dtype  # noqa: E731
+    assert dtype(ppo.actor.module) == torch.bfloat16
+    assert dtype(ppo.setup.init.model) == torch.bfloat16
+    assert dtype(ppo.reward.model) == torch.bfloat16
+    assert dtype(ppo.setup.target.model) == torch.float32
+    row, _ = ppo.step(0)
+    assert row["kl_to_init"] == 0.0
+    assert torch.isfinite(torch.tensor([row["policy_loss"], row["value_loss"]])).all()
+    row, _ = ppo.step(1)
+    assert row["kl_to_init"] != 0.0  # the actor moved; the reference did not
+
+
 def test_oracle_reward_pulls_the_policy_toward_the_target(tiny_dataset, tmp_path, one_thread):
     # The PPO machinery itself: with the exact per-token reward log target - log π, the true
     # KL to the target must fall within a dozen steps (the RM can only approximate this).
