@@ -88,6 +88,8 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("throughput_*.json")):
           f"({r['device']}, stage {r['stage_precision']})")
 PYEOF
 for run in "${STAGE_DIR:-/tmp/gpu_rft_stage}"/rft_*; do
-    [ -f "$run/done.json" ] && cp "$run/done.json" "$OUT/$(basename "$run")_done.json"
+    for f in done.json metrics.jsonl; do
+        [ -f "$run/$f" ] && cp "$run/$f" "$OUT/$(basename "$run")_$f"
+    done
 done
 echo "=== done in $((SECONDS - START))s"

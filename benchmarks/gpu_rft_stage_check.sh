@@ -31,7 +31,7 @@ policy: {init: f0m0, target: f1m0}
 reward: {mode: rm, model: $out/rm/model}
 rollout: {prompts_per_step: 32, samples_per_prompt: 2}
 ppo: {minibatch: 32, kl_coef: 0.1}
-budget: {steps: 30}
+budget: {steps: ${RFT_STEPS:-30}}
 eval: {prompts: 32, samples_per_prompt: 4}
 schedule: {eval_points: 3, checkpoint_every: 10, progress: false}
 YAML

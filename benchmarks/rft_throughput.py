@@ -220,11 +220,11 @@ class PlainLoop:
                                      batch, s.init.suppress_ids)
             values = gather_positions(self.critic(batch.input_ids, batch.attention_mask),
                                       batch.positions).float() * batch.mask
-        m = batch.mask
-        adv, ret = gae(token_rewards(scores.to(self.device), m), values, m)
+        m = batch.mask.cpu()  # rewards and GAE on the CPU, as in the stage
+        adv, ret = gae(token_rewards(scores, m), values.cpu(), m)
         mean = adv[m].mean().item()
-        adv = whiten(adv, m, mean, adv[m].std(unbiased=False).item()).float()
-        ret = ret.float()
+        adv = whiten(adv, m, mean, adv[m].std(unbiased=False).item()).float().to(self.device)
+        ret = ret.float().to(self.device)
         t2 = time.time()
         for epoch in range(a.ppo.epochs):
             order = np.random.default_rng([a.seed, step, epoch]).permutation(len(batch))
@@ -249,7 +249,7 @@ class PlainLoop:
         t3 = time.time()
         tokens = int(m.sum())
         return {"rollout_s": t1 - t0, "ppo_s": t3 - t2, "step_s": t3 - t0,
-                "rollout_tokens_per_s": tokens / (t1 - t0),
+                "rollout_tokens_per_s": tokens / (t1 - t0), "response_length": tokens / len(responses),
                 "seq_lens": [len(h) + len(r) for h, r in zip(heads, responses, strict=True)]}
 
     def _update(self, opt, model, loss):
@@ -285,14 +285,19 @@ def main(argv=None) -> dict:
         for _ in range(args.blocks):
             for name in ("stage", "plain"):
                 for i in range(args.steps):
-                    t = stage.step(step + i)[1] if name == "stage" else plain.step(step + i)
+                    if name == "stage":
+                        row, t = stage.step(step + i)
+                        t["response_length"] = row["response_length"]
+                    else:
+                        t = plain.step(step + i)
                     times[name].append(t)
             step += args.steps
         device = stage.actor.device
         precision = str(next(stage.actor.module.parameters()).dtype).replace("torch.", "")
         vocab = stage.setup.init.model.config.vocab_size
     med = {name: {k: statistics.median(t[k] for t in rows)
-                  for k in ("rollout_s", "ppo_s", "step_s", "rollout_tokens_per_s")}
+                  for k in ("rollout_s", "ppo_s", "step_s", "rollout_tokens_per_s",
+                            "response_length")}
            for name, rows in times.items()}
     out = {
         "device": device_name(device), "stage_precision": precision,

@@ -38,6 +38,9 @@ class SamplingConfig:
     max_new_tokens: int = field(default=32, metadata={"gt": 0})
     batch_size: int = field(default=1024, metadata={"gt": 0})  # sequences per generate call
     static_cache: bool = True  # preallocated KV cache: ~20% faster for tiny models on CPU
+    # On CUDA, transformers compiles the forward pass of a static-cache generate call, once
+    # per new input shape; RFT's prompt widths change every step, so by default it does not.
+    compile: bool = False
 
 
 class Policy(ABC):
@@ -95,7 +98,8 @@ class HFPolicy(Policy):
             top_p=1.0 if full else s.top_p, top_k=0 if full else s.top_k,
             max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids, suppress_tokens=self.suppress_ids or None,
-            cache_implementation="static" if s.static_cache else None)
+            cache_implementation="static" if s.static_cache else None,
+            disable_compile=not s.compile)
 
     def generate(self, prompts, num_samples=1, seed=0, full_distribution=False,
                  max_new_tokens=None):

@@ -129,6 +129,21 @@ def test_generate_is_seeded_and_emits_only_content_then_eos():
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is untouched
 
 
+@pytest.mark.parametrize("compile_", [False, True])
+def test_generate_compiles_only_on_request(compile_):
+    # On CUDA transformers compiles a static-cache generate call once per input shape (RFT's
+    # prompt widths change every step). Its own decision, on a device it would compile on:
+    from transformers import CompileConfig, StaticCache
+
+    p = tiny_world().policy("f0m0")
+    p.sampling = SamplingConfig(max_new_tokens=8, compile=compile_)
+    config = p._generation_config(False, 8)
+    config.compile_config = CompileConfig()
+    config.compile_config._compile_all_devices = True  # as if on a GPU
+    cache = StaticCache(config=p.model.config, max_cache_len=16)
+    assert p.model._valid_auto_compile_criteria({"cache": cache}, config) is compile_
+
+
 def test_sampled_tokens_lie_in_the_top_k_of_the_scored_distribution():
     # Generation pads on the left, scoring on the right: if positions disagreed, sampled
     # tokens would fall outside the top-k of the distribution the scorer computes.

@@ -462,3 +462,30 @@ def test_local_policy_with_references_from_a_prompt_file(tiny_dataset, rm_dir, t
     assert all(r["response_length"] <= 5 for r in rows)
     assert rows[0]["reward_std"] > 0  # the RM scored rollouts that differ
     assert summary["rollout_tokens"] == rows[-1]["rollout_tokens"]
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+
+def test_throughput_benchmark_with_ladder_policies_at_fixed_length(tmp_path):
+    # The GPU variant of the benchmark (random policies of a ladder size, fixed-length
+    # rollouts, update FLOP/s) on a CPU ladder size: both paths run and report.
+    out = tmp_path / "t.json"
+    proc = subprocess.run([
+        sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "rft_throughput.py"),
+        "--policy-size", "t50k", "--rm-size", "t12k", "--max-new-tokens", "5",
+        "--fixed-length", "--prompts-per-step", "4", "--minibatch", "8", "--steps", "1",
+        "--blocks", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+        env={**{k: v for k, v in os.environ.items() if k not in (
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
+             "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and r["stage_precision"] == "float32"
+    assert r["policy_size"] == "t50k" and r["rollouts_per_step"] == 8
+    for path in ("stage", "plain"):
+        assert r[path]["response_length"] == 5.0  # no EOS: every rollout at the cap
+        assert r[path]["update_model_tflops_per_s"] > 0 and r[path]["update_mfu"] is None
+        assert r[path]["rollout_tokens_per_s"] > 0
+    assert r["step_time_ratio"] > 0
+
