@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the RFT stage, sized to run in about 6 minutes on one H100/H200
+# One-shot GPU check of the RFT stage, sized to run in about 5 minutes on one H100/H200
 # (see docs/rft.md, "On a GPU"). Run from the repository root:
 #
 #     bash benchmarks/gpu_rft_check.sh       # results and logs in $OUT (default /tmp/gpu_rft_check)
@@ -9,9 +9,6 @@
 # 2. `benchmarks/rft_throughput.py` on the world's tiny policies, then on random policies and
 #    RM of RFT_POLICY_SIZE (default 100M) with 256 fixed-length rollouts of 128 tokens per
 #    step: the stage against a plain loop in the same process, and the update phase's MFU;
-# 3. meanwhile, when runs/rft_bridges16k/data is present (carried): a base LM of the RFT
-#    experiment's xl size (t400k) on that world's text with LM_TOKENS tokens (default 64M, 8x
-#    the largest CPU one) in batches of LM_BATCH rows; its model folder comes back in $OUT.
 # Every step is time-boxed to what is left of CHECK_BUDGET_S (default 420 s).
 set -u
 OUT=${OUT:-/tmp/gpu_rft_check}
@@ -31,37 +28,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_avai
       torch.cuda.get_device_name())
 print('transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 
-lm_pid=
-if [ -d runs/rft_bridges16k/data ] && [ -z "${CHECK_SKIP_LM:-}" ]; then
-    tokens=${LM_TOKENS:-6.4e7}
-    cat >"$OUT/lm.yaml" <<YAML
-size: t400k
-data: {dir: runs/rft_bridges16k/data, seq_len: 128, eval_rows: 64}
-budget: {tokens: $tokens}
-batch: {size: ${LM_BATCH:-256}}
-optim: {lr: 0.003, min_lr_ratio: 0.1, warmup_ratio: 0.03, weight_decay: 0.0, beta1: 0.9,
-        beta2: 0.95, grad_clip: 1.0}
-schedule: {eval_points: 6, eval_first_fraction: 0.01, checkpoint_every: 100000, log_every: 5,
-           progress: false}
-YAML
-    echo "=== base LM in the background ($tokens tokens, batch ${LM_BATCH:-256})"
-    (t0=$SECONDS
-     timeout --kill-after=10 $((BUDGET - 60)) $PY -m polar_scaling.cli lm "$OUT/lm.yaml" \
-         --run-dir /tmp/gpu_rft_lm >"$OUT/lm.log" 2>&1
-     echo "lm rc=$? seconds=$((SECONDS - t0))" >>"$OUT/steps.txt") &
-    lm_pid=$!
-fi
-
 step rft_stage 220 bash benchmarks/gpu_rft_stage_check.sh "${STAGE_DIR:-/tmp/gpu_rft_stage}"
-if [ -n "$lm_pid" ]; then
-    echo "=== waiting for the base LM (t=$((SECONDS - START))s)"
-    wait $lm_pid
-    mkdir -p "$OUT/lm"
-    cp -r /tmp/gpu_rft_lm/model /tmp/gpu_rft_lm/done.json /tmp/gpu_rft_lm/metrics.jsonl \
-        "$OUT/lm/" 2>/dev/null || echo "the base LM left no model"
-    grep eval_lm_loss /tmp/gpu_rft_lm/metrics.jsonl 2>/dev/null | tail -3
-    tail -c 600 /tmp/gpu_rft_lm/done.json 2>/dev/null; echo
-fi
 step throughput_world 100 $PY benchmarks/rft_throughput.py --steps 4 --blocks 2 \
     --json "$OUT/throughput_world.json"
 step "throughput_$SIZE" 170 $PY benchmarks/rft_throughput.py --policy-size "$SIZE" \
