@@ -10,13 +10,6 @@ set -euo pipefail
 out=${1:?usage: gpu_rft_stage_check.sh OUTDIR}
 PY=${PYTHON:-python3}
 mkdir -p "$out"
-cat >"$out/generate.yaml" <<'YAML'
-world: {families: 3, members_per_family: 3, content_vocab: 32, logit_scale: 3.0}
-prompts: {train: 600, heldout_prompts: 64, heldout_policies: 64}
-sampling: {max_new_tokens: 16}
-workers: 1
-progress: false
-YAML
 cat >"$out/pretrain.yaml" <<YAML
 data: {dir: $out/world, eval_pairs: 128}
 model: {size: t800k}
@@ -36,7 +29,7 @@ eval: {prompts: 32, samples_per_prompt: 4}
 schedule: {eval_points: 3, checkpoint_every: 10, progress: false}
 YAML
 polar() { $PY -m polar_scaling.cli "$@"; }
-[ -f "$out/world/manifest.json" ] || polar generate "$out/generate.yaml" --run-dir "$out/world"
+[ -f "$out/world/manifest.json" ] || polar generate benchmarks/gpu_world.yaml --run-dir "$out/world"
 [ -f "$out/rm/done.json" ] || polar pretrain "$out/pretrain.yaml" --run-dir "$out/rm"
 rm -rf "$out/rft_full" "$out/rft_resumed" "$out/rft_oracle"
 t0=$SECONDS

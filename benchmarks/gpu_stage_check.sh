@@ -9,13 +9,6 @@ set -euo pipefail
 out=${1:?usage: gpu_stage_check.sh OUTDIR}
 PY=${PYTHON:-python3}
 mkdir -p "$out"
-cat >"$out/generate.yaml" <<'EOF'
-world: {families: 3, members_per_family: 3, content_vocab: 32, logit_scale: 3.0}
-prompts: {train: 600, heldout_prompts: 64, heldout_policies: 64}
-sampling: {max_new_tokens: 16}
-workers: 1
-progress: false
-EOF
 cat >"$out/pretrain.yaml" <<EOF
 data: {dir: $out/world, eval_pairs: 128}
 model: {size: t800k, attention: polar_varlen}
@@ -25,7 +18,7 @@ optim: {lr: 1e-3}
 schedule: {eval_points: 4, checkpoint_every: 10, progress: false}
 EOF
 polar() { $PY -m polar_scaling.cli "$@"; }
-[ -f "$out/world/manifest.json" ] || polar generate "$out/generate.yaml" --run-dir "$out/world"
+[ -f "$out/world/manifest.json" ] || polar generate benchmarks/gpu_world.yaml --run-dir "$out/world"
 rm -rf "$out/rm"
 # Kill the first attempt once a checkpoint exists, then resume on the same directory.
 # (python itself in the background, not the shell function: kill must reach the trainer)
