@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the RFT stage, sized to run in about 5 minutes on one H100/H200
-# (see docs/rft.md, "On a GPU"). Run from the repository root:
+# One-shot GPU check of the RFT stage, sized for at most 8 minutes on one H100/H200 (see
+# docs/rft.md, "On a GPU"). Run from the repository root:
 #
 #     bash benchmarks/gpu_rft_check.sh       # results and logs in $OUT (default /tmp/gpu_rft_check)
 #
-# 1. `benchmarks/gpu_rft_stage_check.sh`: generate → pretrain → rft in bf16 over NCCL, a run
+# 1. `benchmarks/rft_throughput.py` on random policies and RM of RFT_POLICY_SIZE (default
+#    100M) with 256 fixed-length rollouts of 128 tokens per step: the stage against a plain
+#    loop in the same process, and the update phase's model FLOP/s and MFU;
+# 2. `benchmarks/gpu_rft_stage_check.sh`: generate → pretrain → rft in bf16 over NCCL, a run
 #    killed after its first checkpoint and resumed against an uninterrupted one, an oracle run;
-# 2. `benchmarks/rft_throughput.py` on the world's tiny policies, then on random policies and
-#    RM of RFT_POLICY_SIZE (default 100M) with 256 fixed-length rollouts of 128 tokens per
-#    step: the stage against a plain loop in the same process, and the update phase's MFU;
-# Every step is time-boxed to what is left of CHECK_BUDGET_S (default 420 s).
+# 3. `benchmarks/rft_throughput.py` on the world's tiny policies.
+# Every step is time-boxed to what is left of CHECK_BUDGET_S (default 480 s); results of an
+# earlier run in the same $OUT are removed first.
 set -u
 OUT=${OUT:-/tmp/gpu_rft_check}
 mkdir -p "$OUT"
-BUDGET=${CHECK_BUDGET_S:-420}
+BUDGET=${CHECK_BUDGET_S:-480}
 source benchmarks/gpu_env.sh
+rm -f "$OUT"/steps.txt "$OUT"/throughput_*.json "$OUT"/rft_*_done.json "$OUT"/rft_*_metrics.jsonl
 exec > >(tee -a "$OUT/gpu_rft_check.log") 2>&1
 START=$SECONDS
 SIZE=${RFT_POLICY_SIZE:-100M}
@@ -28,14 +31,14 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_avai
       torch.cuda.get_device_name())
 print('transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 
-step rft_stage 220 bash benchmarks/gpu_rft_stage_check.sh "${STAGE_DIR:-/tmp/gpu_rft_stage}"
-step throughput_world 100 $PY benchmarks/rft_throughput.py --steps 4 --blocks 2 \
-    --json "$OUT/throughput_world.json"
 step "throughput_$SIZE" 170 $PY benchmarks/rft_throughput.py --policy-size "$SIZE" \
     --rm-size "$SIZE" --max-new-tokens 128 --fixed-length --prompts-per-step 64 \
     --samples-per-prompt 4 --minibatch 64 --steps 2 --blocks 2 \
     --json "$OUT/throughput_$SIZE.json"
 
+step rft_stage 220 bash benchmarks/gpu_rft_stage_check.sh "${STAGE_DIR:-/tmp/gpu_rft_stage}"
+step throughput_world 100 $PY benchmarks/rft_throughput.py --steps 4 --blocks 2 \
+    --json "$OUT/throughput_world.json"
 echo "=== summary (t=$((SECONDS - START))s)"
 cat "$OUT/steps.txt"
 $PY - "$OUT" <<'PYEOF'

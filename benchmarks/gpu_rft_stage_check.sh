@@ -38,13 +38,19 @@ echo "uninterrupted run: $((SECONDS - t0)) s"
 # python itself in the background (not the shell function), so that kill reaches it
 $PY -m polar_scaling.cli rft "$out/rft.yaml" --run-dir "$out/rft_resumed" &
 pid=$!
+checkpointed=
 for _ in $(seq 900); do
-    ls "$out/rft_resumed/checkpoints/critic/"*/COMPLETE >/dev/null 2>&1 && break
+    ls "$out/rft_resumed/checkpoints/critic/"*/COMPLETE >/dev/null 2>&1 && checkpointed=1 && break
     [ -n "$(jobs -rp)" ] || break
     sleep 0.2
 done
 if [ -n "$(jobs -rp)" ]; then
-    kill -9 $pid && echo "killed the second run after its first checkpoint"
+    kill -9 $pid
+    if [ -n "$checkpointed" ]; then
+        echo "killed the second run after its first checkpoint"
+    else
+        echo "WARNING: no checkpoint within 180 s; killed anyway, so the relaunch starts afresh"
+    fi
 fi
 wait $pid 2>/dev/null || echo "second run's first attempt exited with $?"
 [ -f "$out/rft_resumed/done.json" ] && echo "WARNING: the first attempt finished before the kill"

@@ -21,9 +21,13 @@ local folders, the world's tokenizer), ``--max-new-tokens`` and ``--fixed-length
 rollout length: what a GPU needs to be measured at all.
 
 On CUDA both paths run there: the stage in its engine's precision (bf16), the plain loop
-with fp32 weights under bf16 autocast and fused AdamW. With ``--policy-size`` the update
-phase's model FLOP/s (6N per token and pass for actor and critic, ``ppo.epochs`` passes) and,
-on a known card, its MFU are reported too.
+with fp32 weights under bf16 autocast and fused AdamW. With ``--policy-size`` and
+``--fixed-length`` (so that both paths' sequences are equally long) the update phase's model
+FLOP/s (6N per token and pass for actor and critic, ``ppo.epochs`` passes) and, on a known
+card, its MFU are reported too. What the stage does beyond the plain loop counts against it:
+the reference policy's forward pass (for ``kl_to_init`` and the KL penalty, run even at
+``kl_coef=0``), entropies, metrics reduced over ranks, and its static-cache ``generate``
+(the plain loop's ``generate`` uses transformers' default cache).
 
     python benchmarks/rft_throughput.py
     python benchmarks/rft_throughput.py --data runs/rftx/data --rm runs/rftx/rm_strong/model
@@ -101,7 +105,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_inputs(tmp: Path, args) -> tuple[str, str]:
+def make_inputs(tmp: Path, args) -> tuple[str, str, tuple[str, str]]:
     data, rm = args.data, args.rm
     if data is None:
         from polar_scaling.data_generate import GenerateArgs, generate

@@ -119,6 +119,7 @@ def train_lm(args: LMArgs, run: RunDir) -> dict:
 
     from polar_scaling.data import lm_sequences
     from polar_scaling.dist_env import init_distributed
+    from polar_scaling.model import save_causal_lm
     from polar_scaling.sizes import flops_per_token, get_size, hf_config, non_embedding_params
     from polar_scaling.tokenizer import load_tokenizer
     from polar_scaling.trainer import seed_everything, train
@@ -152,7 +153,7 @@ def train_lm(args: LMArgs, run: RunDir) -> dict:
         return {"eval_lm_loss": evaluate_lm(module, eval_rows)}
 
     def export(module, state, run_):
-        module.save_pretrained(run_.model_dir, state_dict=state, safe_serialization=True)
+        save_causal_lm(module, run_.model_dir, state)
         tokenizer.save_pretrained(str(run_.model_dir))
 
     extra = {"size": args.size, "non_embedding_params": non_embedding_params(size, "lm"),

@@ -123,3 +123,17 @@ class RewardModel(nn.Module):
                             position_ids=position_ids, use_cache=False).last_hidden_state
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
         return self.score(picked.to(self.score.weight.dtype)).squeeze(-1).float()
+
+
+def save_causal_lm(module, path: str | Path, state_dict: dict) -> None:
+    """``module.save_pretrained`` with the full-precision ``state_dict`` (safetensors), and
+    ``config.json``'s ``dtype`` set to that of the weights written: transformers records the
+    module's own dtype (bf16 under DeepSpeed's bf16) and loads a folder in it by default."""
+    dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    module.save_pretrained(path, state_dict=state_dict, safe_serialization=True)  # empties it
+    if len(dtypes) == 1:
+        config_path = Path(path) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from polar_scaling.engine import Engine, complete_checkpoints
+from polar_scaling.fused import fuse_kernels
 from polar_scaling.ideal_reward import IdealReward
+from polar_scaling.model import save_causal_lm
 from polar_scaling.policies import SamplingConfig
 from polar_scaling.rft_ppo import (
     RolloutBatch,
@@ -86,6 +88,8 @@ class PPOStep:
                             self.micro, accum, run.path)
         self.critic = Engine(critic_model, args.engine, args.critic_optim,
                              self.num_steps * updates, self.micro, accum, None)
+        # The reference gets the actor's kernels too, so that the two agree until it moves.
+        fuse_kernels(s.init.model, args.engine.fused_kernels, self.actor.device)
         place_frozen(s, self.reward, self.actor.device,
                      next(self.actor.module.parameters()).dtype)
         sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -267,19 +271,22 @@ class PPOStep:
     # ------------------------------------------------------------------------- reductions
 
     def _sum(self, values) -> list[float]:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        if self.world > 1:
-            import torch.distributed as dist
+        if self.world == 1:
+            return [float(v) for v in values]
+        import torch.distributed as dist
 
-            dist.all_reduce(t)
-        return t.tolist()
+        # on the engine's device: NCCL reduces only CUDA tensors (gloo takes CPU ones)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                         device=self.actor.device)
+        dist.all_reduce(t)
+        return t.cpu().tolist()
 
     def _extremes(self, lo: float, hi: float) -> tuple[float, float]:
         if self.world == 1:
             return lo, hi
         import torch.distributed as dist
 
-        t = torch.tensor([-lo, hi], dtype=torch.float64)
+        t = torch.tensor([-lo, hi], dtype=torch.float64, device=self.actor.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return -t[0].item(), t[1].item()
 
@@ -321,8 +328,7 @@ class PPOStep:
         """The trained actor as a causal-LM folder ``RUN/model`` (tokenizer included)."""
         s = self.setup
         state = self.actor.full_state_dict()
-        self.actor.module.save_pretrained(run.model_dir, state_dict=state,
-                                          safe_serialization=True)
+        save_causal_lm(self.actor.module, run.model_dir, state)
         if s.tokenizer is not None:
             s.tokenizer.save_pretrained(str(run.model_dir))
         meta = {"stage": "rft", "init": self.args.policy.init, "target": self.args.policy.target,

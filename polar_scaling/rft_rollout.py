@@ -76,8 +76,9 @@ def trainable_copy(policy: HFPolicy) -> torch.nn.Module:
 def place_frozen(setup: Setup, reward, device: torch.device, dtype: torch.dtype) -> None:
     """Move the frozen models next to the actor: the initial policy (the KL reference) and
     the reward model to ``device`` in the actor's ``dtype`` (so the reference's log-probs of
-    the untouched actor match its own exactly), the target policy to ``device`` in its own
-    dtype (it writes references and is the true KL's yardstick). On CPU in fp32, a no-op."""
+    the untouched actor match its own exactly; the RM's score head stays fp32), the target
+    policy to ``device`` in its own dtype (it writes references and is the true KL's
+    yardstick). On CPU in fp32, a no-op."""
     def cast(model: torch.nn.Module) -> None:
         # Parameters only, as DeepSpeed casts the actor: buffers such as the rotary
         # frequencies stay fp32 (``module.to(dtype)`` would round them too).
@@ -92,6 +93,9 @@ def place_frozen(setup: Setup, reward, device: torch.device, dtype: torch.dtype)
     model = getattr(reward, "model", None)
     if isinstance(model, torch.nn.Module):
         cast(model)
+        head = getattr(model, "score", None)
+        if isinstance(head, torch.nn.Linear):
+            head.float()  # the score head reads the hidden state in fp32: scores keep digits
 
 
 # --------------------------------------------------------------------------- loading

@@ -235,12 +235,21 @@ def test_bf16_run_puts_the_reference_and_reward_model_in_the_actors_dtype(
     assert dtype(ppo.actor.module) == torch.bfloat16
     assert dtype(ppo.setup.init.model) == torch.bfloat16
     assert dtype(ppo.reward.model) == torch.bfloat16
+    assert ppo.reward.model.score.weight.dtype == torch.float32  # scores keep their digits
     assert dtype(ppo.setup.target.model) == torch.float32
     row, _ = ppo.step(0)
     assert row["kl_to_init"] == 0.0
     assert torch.isfinite(torch.tensor([row["policy_loss"], row["value_loss"]])).all()
     row, _ = ppo.step(1)
     assert row["kl_to_init"] != 0.0  # the actor moved; the reference did not
+    # The export holds DeepSpeed's fp32 master weights and says so: it reloads in fp32.
+    from transformers import AutoModelForCausalLM
+
+    ppo.export(run)
+    exported = AutoModelForCausalLM.from_pretrained(run.model_dir)
+    assert dtype(exported) == torch.float32
+    master = ppo.actor.full_state_dict()
+    assert all(torch.equal(v, master[k]) for k, v in exported.state_dict().items())
 
 
 def test_oracle_reward_pulls_the_policy_toward_the_target(tiny_dataset, tmp_path, one_thread):
@@ -478,7 +487,7 @@ def test_throughput_benchmark_with_ladder_policies_at_fixed_length(tmp_path):
         "--blocks", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
         env={**{k: v for k, v in os.environ.items() if k not in (
             "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
-             "HF_HUB_OFFLINE": "1"})
+             "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["stage_precision"] == "float32"
