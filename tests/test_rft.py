@@ -252,6 +252,31 @@ def test_bf16_run_puts_the_reference_and_reward_model_in_the_actors_dtype(
     assert all(torch.equal(v, master[k]) for k, v in exported.state_dict().items())
 
 
+def test_two_ranks_split_the_rollouts_and_reduce_the_metrics(tiny_dataset, rm_dir, tmp_path):
+    # torchrun with 2 CPU ranks (gloo): each rank rolls out half of a step's prompts; the
+    # metrics rank 0 writes are sums over both ranks (so a step's token count is the mean
+    # response length times all of the step's rollouts).
+    from polar_scaling.dist_env import free_port
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    run = tmp_path / "rft2"
+    proc = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={free_port()}", "-m", "polar_scaling.cli", "rft",
+        f"data.dir={tiny_dataset}", f"reward.model={rm_dir}", "reward.mode=rm",
+        "budget.steps=3", "schedule.eval_points=1", *SMALL, "--run-dir", str(run)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    done = json.loads((run / "done.json").read_text())
+    assert done["world_size"] == 2
+    train = [r for r in read_jsonl(run / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]  # one row per step: rank 0 writes
+    tokens = [0] + [r["rollout_tokens"] for r in train]
+    for r, before, after in zip(train, tokens[:-1], tokens[1:], strict=True):
+        assert after - before == pytest.approx(r["response_length"] * 8 * 2)  # 8 prompts x 2
+
+
 def test_oracle_reward_pulls_the_policy_toward_the_target(tiny_dataset, tmp_path, one_thread):
     # The PPO machinery itself: with the exact per-token reward log target - log π, the true
     # KL to the target must fall within a dozen steps (the RM can only approximate this).
