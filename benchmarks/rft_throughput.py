@@ -214,9 +214,7 @@ class PlainLoop:
         heads = [s.init.prefix_ids + p for p in rep_p]
         responses = self._generate(heads, derive_seed(a.seed, "plain", step))
         t1 = time.time()
-        batch = collate_rollouts(heads, responses, s.init.pad_id)
-        batch = type(batch)(*(x.to(self.device) for x in (
-            batch.input_ids, batch.attention_mask, batch.positions, batch.tokens, batch.mask)))
+        batch = collate_rollouts(heads, responses, s.init.pad_id).to(self.device)
         scores = self.reward(rep_p, rep_r, [strip_eos(y, s.init.eos_ids) for y in responses])
         with torch.no_grad(), self.autocast:
             logp, _ = token_logprobs(self.actor(input_ids=batch.input_ids,
@@ -306,7 +304,7 @@ def main(argv=None) -> dict:
     out = {
         "device": device_name(device), "stage_precision": precision,
         "plain_precision": "fp32 weights, bf16 autocast" if device.type == "cuda" else "fp32",
-        "policy_size": args.policy_size or "world", "rm_size": args.rm_size if not args.rm else args.rm,
+        "policy_size": args.policy_size or "world", "rm_size": args.rm or args.rm_size,
         "rollouts_per_step": args.prompts_per_step * args.samples_per_prompt,
         "ppo_epochs": args.epochs, "minibatch": args.minibatch, "threads": args.threads,
         "timed_steps_per_path": args.steps * args.blocks,
@@ -319,7 +317,7 @@ def main(argv=None) -> dict:
         # Fixed length: both paths' sequences are as long as the plain loop's (same prompts).
         flops = statistics.median(update_flops(args.policy_size, vocab, t["seq_lens"],
                                                args.epochs) for t in times["plain"])
-        peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+        peak = peak_flops(device_name(device))  # None on a CPU
         for name in ("stage", "plain"):
             rate = flops / med[name]["ppo_s"]
             out[name]["update_model_tflops_per_s"] = rate / 1e12

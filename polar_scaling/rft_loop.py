@@ -231,8 +231,7 @@ class PPOStep:
         def micro_batch(index):
             b = batch.select(index)
             t = b.tokens.shape[1]
-            return {"batch": RolloutBatch(*(x.to(dev) for x in (
-                        b.input_ids, b.attention_mask, b.positions, b.tokens, b.mask))),
+            return {"batch": b.to(dev),
                     "old_logp": old_logp[index, :t].to(dev),
                     "adv": adv[index, :t].float().to(dev),
                     "returns": returns[index, :t].float().to(dev),

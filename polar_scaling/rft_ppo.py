@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device) -> RolloutBatch:
+        return RolloutBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def select(self, index: Sequence[int] | torch.Tensor) -> RolloutBatch:
         """Rows ``index``, trimmed to the widest selected row."""
