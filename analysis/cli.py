@@ -3,6 +3,7 @@
     polar-analyze fit TABLE --form power|saturating|chinchilla|isoflop|allocation
                       [--x compute|params|tokens] --out DIR
     polar-analyze envelope TABLE --out DIR
+    polar-analyze rft TABLE --out DIR     # RFT: the true KL's fall per reward model
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--final-only", action="store_true",
                      help="envelope of the finished runs' final points only")
     env.add_argument("--no-plots", action="store_true", help="skip the figure")
+
+    rft = sub.add_parser("rft", help="RFT sweep: fall of the true KL to the target per reward "
+                                     "model and control; write rft.json, rft.md and plots")
+    rft.add_argument("table", type=Path, help="an rft sweep's results.csv or .parquet")
+    rft.add_argument("--out", required=True, type=Path, help="output directory")
+    rft.add_argument("--where", metavar="EXPR", help="keep only rows matching this pandas query")
+    rft.add_argument("--no-plots", action="store_true", help="skip the figures")
     return parser
 
 
@@ -91,11 +99,12 @@ def _columns(args: argparse.Namespace) -> Columns:
                    loss=args.loss, group=args.group)
 
 
-def _read(args: argparse.Namespace):
+def _read(args: argparse.Namespace, columns: bool = True):
     raw = read_table(args.table)
-    default = Columns()
-    named = tuple(a for a in AXES if getattr(args, a) != getattr(default, a))
-    check_named_columns(raw, _columns(args), named)
+    if columns:
+        default = Columns()
+        named = tuple(a for a in AXES if getattr(args, a) != getattr(default, a))
+        check_named_columns(raw, _columns(args), named)
     if not args.where:
         return raw
     try:
@@ -150,6 +159,29 @@ def cmd_envelope(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rft(args: argparse.Namespace) -> int:
+    from analysis.rft import rft_rows, summarize, write_outputs
+
+    rows = rft_rows(_read(args, columns=False))
+    summary = summarize(rows)
+    figures = []
+    if not args.no_plots:
+        from analysis.rft_plots import plot_rft
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        figures = plot_rft(summary, args.out)
+    write_outputs(summary, args.out, str(args.table), figures)
+    for a in summary["arms"]:
+        sd = f" ± {100 * a['fall_sd']:.1f}" if a["fall_sd"] is not None else ""
+        print(f"{a['arm']:<32} {a['runs']} run(s)  fall {100 * a['fall_mean']:5.1f}%{sd}")
+    for key, value in summary["ordering"].items():
+        if key.startswith("spearman"):
+            print(f"{key}: {value:+.2f}")
+    print(f"wrote {args.out / 'rft.json'}, {args.out / 'rft.md'}"
+          + (f" and {len(figures)} figure files" if figures else ""))
+    return 0
+
+
 def _summary(run) -> str:
     r = run.result
     params = ", ".join(f"{k}={v:.4g}" for k, v in r.params.items())
@@ -180,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "fit":
                 return cmd_fit(args, command)
+            if args.command == "rft":
+                return cmd_rft(args)
             return cmd_envelope(args)
         except FitError as exc:
             print(f"polar-analyze: error: {exc}", file=sys.stderr)

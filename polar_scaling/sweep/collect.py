@@ -5,6 +5,13 @@ compute is the ``base_flops`` column of the runs built on it). Columns the analy
 default: ``run_id, size, params, non_embedding_params, tokens, flops, step, loss, accuracy,
 final``; ``loss``/``accuracy`` are the held-out-prompt eval figures, and ``final`` marks the
 last evaluation of a finished run. Written to ROOT/results.parquet and ROOT/results.csv.
+
+``rft`` runs give one row per true-KL evaluation instead (``tokens`` = rollout tokens):
+``true_kl``, ``true_kl_per_token``, ``true_kl_reverse``, ``true_kl_to_init``,
+``true_kl_fall`` (1 − true KL / its value at step 0), ``reward_mean`` (the training step's),
+and the reward: ``reward_mode``, ``reward_model`` and, read from the RM's run directory,
+``rm_size``, ``rm_params``, ``rm_non_embedding_params``, ``rm_tokens``
+(``polar-analyze rft`` summarises them).
 """
 
 from __future__ import annotations
@@ -23,7 +30,13 @@ from polar_scaling.sweep.store import RunStatus, Store
 COLUMNS = ["run_id", "name", "stage", "size", "params", "non_embedding_params", "tokens",
            "flops", "step", "loss", "accuracy", "heldout_policies_loss",
            "heldout_policies_accuracy", "train_loss", "final", "seed", "lr", "batch", "budget",
-           "budget_tokens", "budget_flops", "base_run_id", "base_flops", "status"]
+           "budget_tokens", "budget_flops", "base_run_id", "base_flops", "status",
+           # rft runs
+           "true_kl", "true_kl_per_token", "true_kl_reverse", "true_kl_to_init", "true_kl_fall",
+           "reward_mean", "reward_mode", "reward_model", "rm_size", "rm_params",
+           "rm_non_embedding_params", "rm_tokens"]
+RFT_FLOATS = ("true_kl", "true_kl_per_token", "true_kl_reverse", "true_kl_to_init",
+              "true_kl_fall", "reward_mean", "rm_params", "rm_non_embedding_params", "rm_tokens")
 
 
 def collect_rows(sweep: Sweep, store: Store, statuses: list[RunStatus] | None = None) -> list[dict]:
@@ -37,6 +50,9 @@ def collect_rows(sweep: Sweep, store: Store, statuses: list[RunStatus] | None = 
             continue
         path = store.run_dir(run.run_id)
         metrics = read_jsonl(path / "metrics.jsonl")
+        if run.stage == "rft":
+            rows += _rft_rows(run, path, metrics, state.get(run.run_id))
+            continue
         evals = [r for r in metrics if "eval_loss" in r]
         if not evals:
             continue
@@ -76,7 +92,7 @@ def write_results(sweep: Sweep, store: Store, statuses: list[RunStatus] | None =
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     for col in ("tokens", "flops", "loss", "accuracy", "heldout_policies_loss",
                 "heldout_policies_accuracy", "train_loss", "lr", "budget_tokens",
-                "budget_flops", "base_flops"):
+                "budget_flops", "base_flops", *RFT_FLOATS):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     store.root.mkdir(parents=True, exist_ok=True)
     tmp = store.root / ".results.parquet.tmp"
@@ -84,6 +100,43 @@ def write_results(sweep: Sweep, store: Store, statuses: list[RunStatus] | None =
     tmp.replace(store.root / "results.parquet")
     atomic_write(store.root / "results.csv", df.to_csv(index=False))
     return df
+
+
+def _rft_rows(run, path: Path, metrics: list[dict], status: str | None) -> list[dict]:
+    """One row per true-KL evaluation of an rft run (none without a target policy)."""
+    config = _run_config(path) or run.config
+    done = _read_json(path / "done.json")
+    evals = [r for r in metrics if "true_kl" in r]
+    reward = {r["step"]: r["reward_mean"] for r in metrics if "reward_mean" in r}
+    model = _get(config, "reward.model")
+    rm = _rm_run_info(model) if model else {}
+    start = evals[0]["true_kl"] if evals and evals[0].get("step") == 0 else math.nan
+    prompts, samples = (_get(config, f"rollout.{k}") for k in ("prompts_per_step",
+                                                               "samples_per_prompt"))
+    rollouts = prompts * samples if prompts and samples else None  # per step
+    fixed = {"run_id": run.run_id, "name": run.name, "stage": run.stage, "size": run.size,
+             "params": math.nan, "non_embedding_params": math.nan, "seed": config.get("seed"),
+             "lr": _get(config, "optim.lr"), "batch": rollouts,
+             "budget": run.budget, "budget_tokens": run.tokens, "budget_flops": run.flops,
+             "base_run_id": None, "base_flops": math.nan, "status": status,
+             "reward_mode": _get(config, "reward.mode"), "reward_model": model, **rm}
+    return [{**fixed, "tokens": r.get("rollout_tokens"), "flops": math.nan, "step": r.get("step"),
+             "true_kl": r["true_kl"], "true_kl_per_token": r.get("true_kl_per_token"),
+             "true_kl_reverse": r.get("true_kl_reverse"),
+             "true_kl_to_init": r.get("true_kl_to_init"),
+             "true_kl_fall": 1.0 - r["true_kl"] / start if start else math.nan,
+             "reward_mean": reward.get(r.get("step")),
+             "final": done is not None and i == len(evals) - 1}
+            for i, r in enumerate(evals)]
+
+
+def _rm_run_info(model: str) -> dict:
+    """Size, parameters and training tokens of the reward model in folder ``model``, from the
+    done.json of the run that wrote it (``RUN/model``); NaN for a model from elsewhere."""
+    done = _read_json(Path(model).parent / "done.json") or {}
+    return {"rm_size": done.get("size"), "rm_params": done.get("params", math.nan),
+            "rm_non_embedding_params": done.get("non_embedding_params", math.nan),
+            "rm_tokens": done.get("tokens", math.nan)}
 
 
 def _params(run, done: dict | None, path: Path) -> tuple[float, float]:

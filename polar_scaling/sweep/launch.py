@@ -99,6 +99,11 @@ def make_plan(sweep: Sweep, store: Store, retry_failed: bool = False,
         if bad:
             plan.skip[run.run_id] = f"blocked: dependency {bad[0]} is {statuses[bad[0]].state}"
             continue
+        missing = [n for n in run.needs if not Path(n).is_file()]
+        if missing:  # another sweep's run (an rft grid's reward model) has not finished
+            plan.skip[run.run_id] = (f"blocked: waiting for {missing[0]} (a run of another "
+                                     f"sweep: launch that sweep first)")
+            continue
         plan.submit.append(run)
         will_run.add(run.run_id)
     return plan

@@ -215,6 +215,25 @@ class SizeOverride:
 
 
 @dataclass
+class RewardModelsSpec:
+    """An ``rft`` grid over the reward models of another sweep (polar_scaling/sweep/rft_grid.py).
+
+    Every finished grid run of that sweep (optionally only some sizes, budgets and seeds) is
+    one arm (``reward.mode: rm``, ``reward.model: ITS_RUN/model``); ``controls`` add the
+    issue's two controls: ``untrained_rm`` (per selected size, an RM of that architecture
+    with fresh weights) and ``random``. Unless this sweep has a ``data`` section, its runs read
+    the RM sweep's dataset.
+    """
+
+    sweep: str  # the RM sweep file; relative paths from this sweep file's folder
+    root: str | None = None  # that sweep's root, if not the one its file names
+    sizes: list[str] = field(default_factory=list)  # only these sizes (default: all)
+    budgets: list[BudgetSpec] = field(default_factory=list)  # only these budgets
+    seeds: list[int] = field(default_factory=list)  # only these seeds
+    controls: list[Literal["untrained_rm", "random"]] = field(default_factory=list)
+
+
+@dataclass
 class GridSpec:
     sizes: list[str] = field(default_factory=list)
     budgets: list[BudgetSpec] = field(default_factory=list)
@@ -223,6 +242,7 @@ class GridSpec:
     # Grid points to leave out: each entry matches on the keys it gives, e.g.
     # {size: 7B, budget: {flops: 1e18}} or {size: 50M, seed: 1}.
     exclude: list[dict[str, Any]] = field(default_factory=list)
+    reward_models: RewardModelsSpec | None = None  # stage rft: an axis over another sweep's RMs
 
 
 @dataclass
@@ -320,6 +340,8 @@ class RunSpec:
     digest: str = ""  # hash of stage and config (the last part of run_id)
     flags: tuple[str, ...] = ()  # the stage's own polar-train flags, e.g. ("--part", "0/4")
     workdir: str | None = None  # the --run-dir the stage writes, if not its own run directory
+    needs: tuple[str, ...] = ()  # files outside this sweep that must exist first (done.json
+    # of another sweep's runs: the reward models of an rft grid)
 
 
 @dataclass
@@ -359,7 +381,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (), root: str | Path | N
     spec = from_dict(SweepFile, data, source)
     root_dir = resolve_root(root if root is not None else spec.root or f"runs/{spec.name}",
                             source)
-    runs = expand(spec, root_dir, source)
+    runs = expand(spec, root_dir, source, path.parent)
     return Sweep(spec=spec, path=path, root=root_dir, runs=runs)
 
 
@@ -371,8 +393,10 @@ def resolve_root(text: str | Path, source: str = "<sweep>") -> Path:
     return Path(expanded).absolute()
 
 
-def expand(spec: SweepFile, root: Path, source: str) -> list[RunSpec]:
-    """The sweep's runs: its data run, a base LM per size, then every grid point."""
+def expand(spec: SweepFile, root: Path, source: str, base_dir: Path | None = None
+           ) -> list[RunSpec]:
+    """The sweep's runs: its data run, a base LM per size, then every grid point.
+    ``base_dir``: the folder other sweep files are named relative to (the file's own)."""
     sized = spec.stage in SIZED_STAGES
     grid = spec.grid
     _check_grid(spec, sized, source)
@@ -380,7 +404,17 @@ def expand(spec: SweepFile, root: Path, source: str) -> list[RunSpec]:
 
     links: dict[str, Any] = {}
     deps: list[str] = []
+    needs: tuple[str, ...] = ()
     prelude: list[RunSpec] = []
+    arms: list = [None]  # grid.reward_models: one arm per reward model or control
+    if grid.reward_models is not None:
+        from polar_scaling.sweep.rft_grid import reward_arms
+
+        arms, rm_links, rm_needs = reward_arms(grid.reward_models, base_dir or Path.cwd(),
+                                               source)
+        if spec.data is None:  # the RM sweep's dataset
+            links.update(rm_links)
+            needs = rm_needs
     if spec.data is not None:
         if spec.data.dir is not None:
             links[spec.data.key] = str(resolve_root(spec.data.dir, source))
@@ -432,7 +466,8 @@ def expand(spec: SweepFile, root: Path, source: str) -> list[RunSpec]:
     head = HEAD_OF_STAGE.get(spec.stage, "reward")
     runs: list[RunSpec] = []
     excluded = [_exclusion(e, source, i) for i, e in enumerate(grid.exclude)]
-    for size, budget, seed, *axis in itertools.product(sizes, budgets, seeds, *axis_values):
+    for size, budget, seed, arm, *axis in itertools.product(sizes, budgets, seeds, arms,
+                                                           *axis_values):
         point = {"size": size, "budget": budget.label if budget else None, "seed": seed}
         if any(all(point[k] == v for k, v in ex.items()) for ex in excluded):
             continue
@@ -446,6 +481,8 @@ def expand(spec: SweepFile, root: Path, source: str) -> list[RunSpec]:
         if override is not None:
             cfg = merge(cfg, override.config)
         for key, value in zip(axis_keys, axis, strict=True):
+            cfg = _set(cfg, key, value)
+        for key, value in (arm.settings.items() if arm else ()):
             cfg = _set(cfg, key, value)
         if size is not None:
             cfg = _set(cfg, SIZE_KEY.get(spec.stage, "model.size"), size)
@@ -469,11 +506,14 @@ def expand(spec: SweepFile, root: Path, source: str) -> list[RunSpec]:
             parts.append(size)
         if budget is not None:
             parts.append(budget.label)
+        if arm is not None:
+            parts.append(arm.label)
         if seed is not None:
             parts.append(f"s{seed}")
         parts += [_axis_label(k, v) for k, v in zip(axis_keys, axis, strict=True)]
         runs.append(_make_run(spec.stage, "-".join(parts), "run", cfg, size, n, seed, budget,
-                              res, run_deps, spec, root, head=head))
+                              res, run_deps, spec, root, head=head,
+                              needs=needs + (arm.needs if arm else ())))
 
     seen: dict[str, RunSpec] = {}
     for run in prelude + runs:
@@ -567,7 +607,7 @@ def _data_parts(data: DataSpec, cfg: dict, source: str) -> int:
 
 
 def _make_run(stage, name, role, cfg, size, n, seed, budget, res, deps, spec, root, head="reward",
-              flags=(), workdir=None):
+              flags=(), workdir=None, needs=()):
     tokens = flops = estimate = None
     if size is not None and budget is not None:
         fpt = flops_per_token(_ladder(size, spec.estimate.vocab), estimate_seq_len(spec), head)
@@ -582,7 +622,7 @@ def _make_run(stage, name, role, cfg, size, n, seed, budget, res, deps, spec, ro
     return RunSpec(run_id=f"{name}-{digest}", digest=digest, name=name, stage=stage, config=cfg, role=role, size=size,
                    n_params=n, seed=seed, budget=budget.label if budget else None, tokens=tokens,
                    flops=flops, resources=res, deps=tuple(deps), estimate_s=estimate,
-                   flags=tuple(flags), workdir=workdir)
+                   flags=tuple(flags), workdir=workdir, needs=tuple(needs))
 
 
 def _check_grid(spec: SweepFile, sized: bool, source: str) -> None:
@@ -610,9 +650,15 @@ def _check_grid(spec: SweepFile, sized: bool, source: str) -> None:
         dup = sorted({t for t in texts if texts.count(t) > 1})
         if dup:
             raise ConfigError(source, f"grid.axes.{key}", f"duplicated grid point: {dup[0]}")
+        if grid.reward_models is not None and key in ("reward.mode", "reward.model"):
+            raise ConfigError(source, f"grid.axes.{key}", "grid.reward_models sets reward.mode "
+                              "and reward.model: set other reward keys in config")
         if key in ("model.size", "budget", "seed") or key.startswith("budget."):
             raise ConfigError(source, f"grid.axes.{key}", "use grid.sizes, grid.budgets or "
                               "grid.seeds for this key")
+    if grid.reward_models is not None and spec.stage != "rft":
+        raise ConfigError(source, "grid.reward_models", f"only for stage rft (this sweep's "
+                          f"stage is {spec.stage})")
     if not sized and (grid.sizes or grid.budgets):
         raise ConfigError(source, "grid.sizes" if grid.sizes else "grid.budgets",
                           f"stage {spec.stage} trains no ladder size (sized stages: "

@@ -205,6 +205,9 @@ class Store:
                 if bad:
                     st.state = "blocked"
                     st.reason = f"dependency {bad[0]} {out[bad[0]].state}"
+            missing = [n for n in run.needs if not Path(n).is_file()]
+            if st.state == "new" and missing:  # another sweep's run has not finished yet
+                st.reason = f"waiting for {missing[0]}"
         return [out[r.run_id] for r in sweep.runs]
 
     def local_launcher(self) -> dict | None:
