@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from analysis.cli import main
-from analysis.rft import rft_rows, summarize
 from analysis.result import FitError
+from analysis.rft import rft_rows, summarize
 
 
 def table(falls: dict, unfinished: tuple = ()) -> pd.DataFrame:
