@@ -1,25 +1,27 @@
 """RFT scaling from a results table: how far each reward pulls the policy toward the target.
 
 ``polar-analyze rft TABLE --out DIR`` reads the rows of ``rft`` runs (``polar-sweep collect``
-writes them: one per true-KL evaluation) and groups the finished runs by their reward, an
-*arm*: one trained reward model (``reward_mode`` rm and its ``reward_model``), the untrained
-RM of a size, or a reward without a model (random, oracle, ideal). Per arm, over seeds: the
-fall of the true KL to the target (``true_kl_fall``, 1 − final / initial) as mean, sample sd,
-min and max; the true KL at the start and the end; the mean curve. Across the trained RMs:
-Spearman's rank correlation of the mean fall with the RM's parameters and with its
-pre-training tokens (does a larger or longer-trained RM pull harder?), and each RM arm's
-margin over the strongest control. Writes ``rft.json``, ``rft.md`` and the figures.
+writes them: one per true-KL evaluation) and groups the finished runs into *arms*: runs that
+differ only in their seed (their sweep name without the ``-sN`` seed part, e.g.
+``rm-t25k-tok2e6-rs0``, ``untrained-t25k``, ``random``; in a table without names, the
+reward mode and model). Per arm, over seeds: the fall of the true KL to the target
+(``true_kl_fall``, 1 − final / initial) as mean, sample sd, min and max; the true KL at the
+start and the end; the mean curve. Across the trained RMs: Spearman's rank correlation of the
+mean fall with the RM's parameters and with its nominal pre-training tokens (does a larger or
+longer-trained RM pull harder?), with the exact permutation p-value for up to 8 RMs, and each
+RM arm's margin over the strongest control. Writes ``rft.json``, ``rft.md`` and the figures.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
+from scipy.stats import permutation_test, spearmanr
 
 from analysis.load import _as_bool
 from analysis.result import FitError
@@ -40,30 +42,25 @@ def rft_rows(raw: pd.DataFrame) -> pd.DataFrame:
         raise FitError("no row has a true_kl value: no rft run with a target policy has "
                        "evaluated yet")
     for col in ("step", "true_kl", "true_kl_fall", "true_kl_per_token", "rm_params",
-                "rm_tokens", "seed"):
+                "rm_tokens", "rm_budget_tokens", "seed"):
         if col in rows.columns:
             rows[col] = pd.to_numeric(rows[col], errors="coerce").astype(float)
     rows["final"] = rows["final"].map(_as_bool).fillna(False).astype(bool)
-    for col in ("reward_model", "rm_size"):
+    for col in ("reward_model", "rm_size", "name", "seed"):
         if col not in rows.columns:
             rows[col] = None
-    rows["arm"] = [arm_label(r) for r in rows.itertuples(index=False)]
+    rows["arm"] = [arm_of(r) for r in rows.itertuples(index=False)]
     return rows
 
 
-def arm_label(row) -> str:
-    """A readable name of a run's reward: ``rm t25k 2e6 tokens``, ``untrained_rm t25k``,
-    ``random``; an RM without run information is named by its folder."""
-    mode = row.reward_mode
-    size = row.rm_size if isinstance(row.rm_size, str) and row.rm_size else None
-    if mode == "rm":
-        tokens = getattr(row, "rm_tokens", math.nan)
-        if size and tokens == tokens:
-            return f"rm {size} {tokens:.3g} tokens"
-        return f"rm {Path(str(row.reward_model)).parent.name or row.reward_model}"
-    if mode == "untrained_rm":
-        return f"untrained_rm {size}" if size else "untrained_rm"
-    return str(mode)
+def arm_of(row) -> str:
+    """The arm of a run: its sweep name without the stage and the RFT seed (``-sN``; an RM's
+    own seed is ``-rsN``); without a name, the reward mode and the RM folder's run."""
+    if isinstance(row.name, str) and row.name:
+        return re.sub(r"-s\d+(?=-|$)", "", row.name.removeprefix("rft-"))
+    if row.reward_model is None or row.reward_model != row.reward_model:
+        return str(row.reward_mode)
+    return f"{row.reward_mode} {Path(str(row.reward_model)).parent.name or row.reward_model}"
 
 
 def summarize(rows: pd.DataFrame) -> dict:
@@ -72,6 +69,11 @@ def summarize(rows: pd.DataFrame) -> dict:
     if final.empty:
         raise FitError(f"none of the {rows['run_id'].nunique()} rft run(s) in the table has "
                        "finished (no row with final true)")
+    no_start = final[~np.isfinite(final["true_kl_fall"].to_numpy(float))]
+    final = final.drop(no_start.index)  # a fall needs the step-0 evaluation
+    if final.empty:
+        raise FitError("no finished rft run has a true_kl_fall (each lacks its step-0 "
+                       "evaluation)")
     arms = []
     for arm, g in final.groupby("arm", sort=False):
         runs = g["run_id"].tolist()
@@ -82,6 +84,7 @@ def summarize(rows: pd.DataFrame) -> dict:
             "reward_model": _none(g["reward_model"].iloc[0]),
             "rm_size": _none(g["rm_size"].iloc[0]),
             "rm_params": _num(g, "rm_params"), "rm_tokens": _num(g, "rm_tokens"),
+            "rm_budget_tokens": _num(g, "rm_budget_tokens"),
             "runs": len(g), "seeds": sorted(int(s) for s in g["seed"].dropna()),
             "steps": float(g["step"].median()),
             "fall_mean": float(fall.mean()),
@@ -97,48 +100,68 @@ def summarize(rows: pd.DataFrame) -> dict:
     for a in trained:
         a["margin_over_controls"] = (a["fall_mean"] - best_control
                                      if best_control is not None else None)
-    unfinished = sorted(set(rows["run_id"]) - set(final["run_id"]))
+    unfinished = sorted(set(rows["run_id"]) - set(final["run_id"]) - set(no_start["run_id"]))
     return {"arms": arms, "ordering": _ordering(trained), "best_control_fall": best_control,
-            "unfinished_runs": unfinished}
+            "unfinished_runs": unfinished, "runs_without_start": sorted(no_start["run_id"])}
 
 
 def write_outputs(summary: dict, out: Path, source: str, figures: list[Path]) -> list[Path]:
     """rft.json (the summary) and rft.md (a table and the ordering) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"table": source, **summary}
-    (out / "rft.json").write_text(json.dumps(doc, indent=2) + "\n")
+    doc = _finite({"table": source, **summary})
+    (out / "rft.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     lines = [f"# RFT: fall of the true KL to the target, per reward ({source})", "",
              "| reward | RM params | RM tokens | runs | fall mean ± sd [min, max] | true KL "
              "start → end |", "|---|---|---|---|---|---|"]
     for a in summary["arms"]:
         sd = f" ± {100 * a['fall_sd']:.1f}" if a["fall_sd"] is not None else ""
         start = f"{a['true_kl_start']:.3g}" if a["true_kl_start"] is not None else "?"
-        lines.append(f"| {a['arm']} | {_g(a['rm_params'])} | {_g(a['rm_tokens'])} | "
+        tokens = a["rm_budget_tokens"] if a["rm_budget_tokens"] is not None else a["rm_tokens"]
+        lines.append(f"| {a['arm']} | {_g(a['rm_params'])} | {_g(tokens)} | "
                      f"{a['runs']} | {100 * a['fall_mean']:.1f}%{sd} "
                      f"[{100 * a['fall_min']:.1f}, {100 * a['fall_max']:.1f}] | "
                      f"{start} → {a['true_kl_end']:.3g} |")
     lines += ["", _ordering_text(summary)]
     if summary["unfinished_runs"]:
         lines += ["", f"Not finished (left out): {', '.join(summary['unfinished_runs'])}."]
+    if summary["runs_without_start"]:
+        lines += ["", "Without a step-0 evaluation (left out): "
+                      f"{', '.join(summary['runs_without_start'])}."]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in figures if p.suffix == ".png"]
     (out / "rft.md").write_text("\n".join(lines) + "\n")
     return [out / "rft.json", out / "rft.md"]
 
 
 def _ordering(trained: list[dict]) -> dict:
+    """Spearman's ρ of the arms' mean falls with the RM's parameters and with its nominal
+    tokens (actual tokens when the budget is unknown), and its two-sided permutation p-value:
+    exact for up to 8 RMs, else from 9,999 permutations."""
     out = {"rm_arms": len(trained)}
-    for key in ("rm_params", "rm_tokens"):
-        pts = [(a[key], a["fall_mean"]) for a in trained if a[key] is not None]
-        if len({x for x, _ in pts}) >= 2:
-            rho = spearmanr([x for x, _ in pts], [y for _, y in pts]).statistic
-            out[f"spearman_fall_vs_{key.removeprefix('rm_')}"] = float(rho)
+    for name, keys in (("params", ("rm_params",)), ("tokens", ("rm_budget_tokens", "rm_tokens"))):
+        key = next((k for k in keys if all(a.get(k) is not None for a in trained)), None)
+        if key is None:
+            continue
+        x = np.array([a[key] for a in trained])
+        y = np.array([a["fall_mean"] for a in trained])
+        if len(np.unique(x)) < 2:
+            continue
+        rho = float(spearmanr(x, y).statistic)
+        if not math.isfinite(rho):  # every mean fall equal
+            continue
+        test = permutation_test((x,), lambda v, y=y: spearmanr(v, y).statistic,
+                                permutation_type="pairings", alternative="two-sided",
+                                n_resamples=np.inf if len(x) <= 8 else 9999,
+                                rng=np.random.default_rng(0))
+        out[f"spearman_fall_vs_{name}"] = rho
+        out[f"spearman_fall_vs_{name}_p"] = float(test.pvalue)
     return out
 
 
 def _ordering_text(summary: dict) -> str:
     o = summary["ordering"]
-    parts = [f"Spearman ρ of the mean fall with the RM's {k.split('_vs_')[1]}: {v:+.2f}"
-             for k, v in o.items() if k.startswith("spearman")]
+    parts = [f"Spearman ρ of the mean fall with the RM's {k.split('_vs_')[1]}: {v:+.2f} "
+             f"(permutation p = {o[k + '_p']:.2g})"
+             for k, v in o.items() if k.startswith("spearman") and not k.endswith("_p")]
     if summary["best_control_fall"] is not None:
         parts.append(f"strongest control: {100 * summary['best_control_fall']:.1f}%")
     return "; ".join(parts) + "." if parts else "No ordering: fewer than two trained RMs."
@@ -153,6 +176,17 @@ def _curve(rows: pd.DataFrame) -> dict:
 def _num(g: pd.DataFrame, col: str) -> float | None:
     v = float(g[col].iloc[0]) if col in g.columns else math.nan
     return v if np.isfinite(v) else None
+
+
+def _finite(v):
+    """The summary with NaN and infinities as None (JSON has no NaN)."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def _none(v):

@@ -125,8 +125,10 @@ def cmd_launch(args) -> int:
         print(f"{sweep.spec.name}: {len(plan.submit)} run(s) to submit with executor "
               f"{executor}" + (f"; left alone: {skipped}" if skipped else "") + f" (root {store.root})")
         wait = getattr(args, "wait", False)
+        waiting = [st for st in plan.statuses.values() if st.state == "waiting"
+                   and (only is None or st.run.run_id in only)]
         if not plan.submit and not wait:
-            return 0
+            return _exit_code(waiting)
         L.prepare(sweep, store, plan.submit)
         if executor == "slurm":
             if plan.submit:
@@ -138,12 +140,12 @@ def cmd_launch(args) -> int:
             L.run_debug(sweep, store, plan, sys.stdout)
     if executor == "slurm" and not wait:
         print(f"follow with: polar-sweep status {args.sweep}" + _root_arg(args))
-        return 0
+        return _exit_code(waiting)
     statuses = _wait(sweep, store, args.poll or 5.0, _subset_ids(sweep, only)) \
         if executor == "slurm" else store.status(sweep)
     statuses = [s for s in statuses if only is None or s.run.run_id in only]
     _print_final(statuses)
-    return 1 if any(s.state in ("failed", "blocked") for s in statuses) else 0
+    return _exit_code(statuses)
 
 
 def cmd_status(args) -> int:
@@ -274,6 +276,18 @@ def _wait(sweep: Sweep, store: Store, poll_s: float, ids: set[str] | None):
         else:
             unknown_since = None
         time.sleep(poll_s)
+
+
+def _exit_code(statuses) -> int:
+    """1: a run failed or is blocked; 3: runs wait for another sweep's runs; else 0."""
+    if any(s.state in ("failed", "blocked") for s in statuses):
+        return 1
+    waiting = [s for s in statuses if s.state == "waiting"]
+    if waiting:
+        print(f"{len(waiting)} run(s) wait for another sweep's runs ({waiting[0].reason}); "
+              f"launch again once they have finished", file=sys.stderr)
+        return 3
+    return 0
 
 
 def _print_final(statuses) -> None:

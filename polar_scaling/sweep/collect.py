@@ -10,8 +10,9 @@ last evaluation of a finished run. Written to ROOT/results.parquet and ROOT/resu
 ``true_kl``, ``true_kl_per_token``, ``true_kl_reverse``, ``true_kl_to_init``,
 ``true_kl_fall`` (1 − true KL / its value at step 0), ``reward_mean`` (the training step's),
 and the reward: ``reward_mode``, ``reward_model`` and, read from the RM's run directory,
-``rm_size``, ``rm_params``, ``rm_non_embedding_params``, ``rm_tokens``
-(``polar-analyze rft`` summarises them).
+``rm_size``, ``rm_params``, ``rm_non_embedding_params``, ``rm_tokens`` (its pre-training
+tokens), ``rm_budget_tokens`` (its nominal budget) and ``rm_base_tokens`` (its base LM's);
+the token counts are 0 for an untrained RM (``polar-analyze rft`` summarises them).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ COLUMNS = ["run_id", "name", "stage", "size", "params", "non_embedding_params", 
            # rft runs
            "true_kl", "true_kl_per_token", "true_kl_reverse", "true_kl_to_init", "true_kl_fall",
            "reward_mean", "reward_mode", "reward_model", "rm_size", "rm_params",
-           "rm_non_embedding_params", "rm_tokens"]
+           "rm_non_embedding_params", "rm_tokens", "rm_budget_tokens", "rm_base_tokens"]
 RFT_FLOATS = ("true_kl", "true_kl_per_token", "true_kl_reverse", "true_kl_to_init",
-              "true_kl_fall", "reward_mean", "rm_params", "rm_non_embedding_params", "rm_tokens")
+              "true_kl_fall", "reward_mean", "rm_params", "rm_non_embedding_params", "rm_tokens",
+              "rm_budget_tokens", "rm_base_tokens")
 
 
 def collect_rows(sweep: Sweep, store: Store, statuses: list[RunStatus] | None = None) -> list[dict]:
@@ -109,7 +111,7 @@ def _rft_rows(run, path: Path, metrics: list[dict], status: str | None) -> list[
     evals = [r for r in metrics if "true_kl" in r]
     reward = {r["step"]: r["reward_mean"] for r in metrics if "reward_mean" in r}
     model = _get(config, "reward.model")
-    rm = _rm_run_info(model) if model else {}
+    rm = _rm_run_info(model, trained=_get(config, "reward.mode") == "rm") if model else {}
     start = evals[0]["true_kl"] if evals and evals[0].get("step") == 0 else math.nan
     prompts, samples = (_get(config, f"rollout.{k}") for k in ("prompts_per_step",
                                                                "samples_per_prompt"))
@@ -130,13 +132,22 @@ def _rft_rows(run, path: Path, metrics: list[dict], status: str | None) -> list[
             for i, r in enumerate(evals)]
 
 
-def _rm_run_info(model: str) -> dict:
+def _rm_run_info(model: str, trained: bool) -> dict:
     """Size, parameters and training tokens of the reward model in folder ``model``, from the
-    done.json of the run that wrote it (``RUN/model``); NaN for a model from elsewhere."""
-    done = _read_json(Path(model).parent / "done.json") or {}
+    done.json and config of the run that wrote it (``RUN/model``) and of its base LM's run;
+    NaN for a model from elsewhere, tokens 0 for its untrained twin (``trained`` false)."""
+    run = Path(model).parent
+    done = _read_json(run / "done.json") or {}
+    budget = _get(_run_config(run) or {}, "budget.tokens")
+    base = done.get("base")
+    base_done = (_read_json(Path(base).parent / "done.json") or {}) if base else {"tokens": 0}
+    tokens = {"rm_tokens": done.get("tokens", math.nan),
+              "rm_budget_tokens": budget if budget is not None else math.nan,
+              "rm_base_tokens": base_done.get("tokens", math.nan)}
+    if not trained:
+        tokens = {k: 0.0 for k in tokens}
     return {"rm_size": done.get("size"), "rm_params": done.get("params", math.nan),
-            "rm_non_embedding_params": done.get("non_embedding_params", math.nan),
-            "rm_tokens": done.get("tokens", math.nan)}
+            "rm_non_embedding_params": done.get("non_embedding_params", math.nan), **tokens}
 
 
 def _params(run, done: dict | None, path: Path) -> tuple[float, float]:

@@ -101,8 +101,8 @@ def make_plan(sweep: Sweep, store: Store, retry_failed: bool = False,
             continue
         missing = [n for n in run.needs if not Path(n).is_file()]
         if missing:  # another sweep's run (an rft grid's reward model) has not finished
-            plan.skip[run.run_id] = (f"blocked: waiting for {missing[0]} (a run of another "
-                                     f"sweep: launch that sweep first)")
+            plan.skip[run.run_id] = (f"waiting for {missing[0]} (another sweep's run: "
+                                     f"launch that sweep, then this one again)")
             continue
         plan.submit.append(run)
         will_run.add(run.run_id)

@@ -6,7 +6,9 @@ the controls it asks for: ``untrained_rm`` once per selected size (the first sel
 the size names the architecture; its weights are drawn fresh) and ``random``. The arms cross
 with the sweep's seeds and axes like any other axis. The RM runs live in the other sweep's
 root, so they are not dependencies inside this sweep: each arm *needs* its RM run's
-``done.json``, and a launch leaves a run waiting for one unsubmitted (``launch.make_plan``).
+``done.json``, and until it exists the run is ``waiting`` and a launch leaves it alone
+(``launch.make_plan``). Run ids hash the RM paths relative to the RM sweep's root, so they do
+not change with the directory the sweeps are launched from.
 Pure: the other sweep file is read and expanded, nothing is written.
 """
 
@@ -21,6 +23,9 @@ from polar_scaling.config import ConfigError, read_yaml
 RM_STAGES = ("pretrain", "finetune")
 
 
+RM_ROOT = "${RM_ROOT}"  # the RM sweep's root, in the text run ids are hashed from
+
+
 @dataclass(frozen=True)
 class Arm:
     label: str  # the part of the run name, e.g. rm-t25k-tok2e6-s0, untrained-t25k, random
@@ -28,12 +33,19 @@ class Arm:
     needs: tuple[str, ...] = ()  # files that must exist before a run of the arm starts
 
 
-def reward_arms(spec, base_dir: Path, source: str) -> tuple[list[Arm], dict[str, str],
-                                                            tuple[str, ...]]:
-    """(arms, data links, data needs) of ``grid.reward_models`` (a RewardModelsSpec).
+@dataclass(frozen=True)
+class RewardGrid:
+    arms: list[Arm]
+    links: dict[str, str]  # data.dir -> the RM sweep's dataset (empty if this sweep has one)
+    needs: tuple[str, ...]  # the dataset's done.json, when the RM sweep generates it
+    root: Path  # the RM sweep's root (hashed as RM_ROOT)
 
-    The data links point this sweep's runs at the RM sweep's dataset (its ``data.dir`` or its
-    ``generate`` run); the caller uses them only when this sweep has no ``data`` section.
+
+def reward_arms(spec, base_dir: Path, source: str, own_data: bool) -> RewardGrid:
+    """The arms of ``grid.reward_models`` (a RewardModelsSpec).
+
+    Without a ``data`` section of its own (``own_data``) the sweep's runs read the RM sweep's
+    dataset: its ``data.dir``, or the directory of its ``generate`` run.
     """
     from polar_scaling.sweep.spec import load_sweep, resolve_root
 
@@ -69,17 +81,18 @@ def reward_arms(spec, base_dir: Path, source: str) -> tuple[list[Arm], dict[str,
 
     runs_dir = other.root / "runs"
     arms: list[Arm] = []
-    first_of_size: dict[str | None, Path] = {}
     for run in picked:
         run_dir = runs_dir / run.run_id
-        first_of_size.setdefault(run.size, run_dir)
         # the RM's own seed as rs0, so that the rft run's s0 stays the RFT seed
         label = "rm-" + "-".join(f"r{p}" if p == f"s{run.seed}" else p
                                  for p in run.name.removeprefix(f"{run.stage}-").split("-"))
         arms.append(Arm(label, {"reward.mode": "rm", "reward.model": str(run_dir / "model")},
                         (str(run_dir / "done.json"),)))
     if "untrained_rm" in spec.controls:
-        for size, run_dir in first_of_size.items():
+        # The architecture and tokenizer come from one RM of the size: the first of the whole
+        # grid by run id, so that a change of the selection does not make the control new.
+        for size in dict.fromkeys(r.size for r in picked):
+            run_dir = runs_dir / min(r.run_id for r in grid_runs if r.size == size)
             arms.append(Arm(f"untrained-{size}" if size else "untrained",
                             {"reward.mode": "untrained_rm", "reward.model": str(run_dir / "model")},
                             (str(run_dir / "done.json"),)))
@@ -89,11 +102,14 @@ def reward_arms(spec, base_dir: Path, source: str) -> tuple[list[Arm], dict[str,
     links: dict[str, str] = {}
     needs: tuple[str, ...] = ()
     data = other.spec.data
-    if data is not None:
+    if not own_data:
+        if data is None or data.key != "data.dir":
+            raise ConfigError(source, "data", f"the RM sweep {path} names no dataset in "
+                              "data.dir: give this sweep a data section (data: {dir: ...})")
         data_run = next((r for r in other.runs if r.role == "data"), None)
         if data_run is not None:
-            links[data.key] = str(runs_dir / data_run.run_id)
+            links["data.dir"] = str(runs_dir / data_run.run_id)
             needs = (str(runs_dir / data_run.run_id / "done.json"),)
         else:
-            links[data.key] = str(resolve_root(data.dir, str(path)))
-    return arms, links, needs
+            links["data.dir"] = str(resolve_root(data.dir, str(path)))
+    return RewardGrid(arms, links, needs, other.root)

@@ -218,15 +218,15 @@ class SizeOverride:
 class RewardModelsSpec:
     """An ``rft`` grid over the reward models of another sweep (polar_scaling/sweep/rft_grid.py).
 
-    Every finished grid run of that sweep (optionally only some sizes, budgets and seeds) is
-    one arm (``reward.mode: rm``, ``reward.model: ITS_RUN/model``); ``controls`` add the
-    issue's two controls: ``untrained_rm`` (per selected size, an RM of that architecture
-    with fresh weights) and ``random``. Unless this sweep has a ``data`` section, its runs read
-    the RM sweep's dataset.
+    Every grid run of that sweep (optionally only some sizes, budgets and seeds) is one arm
+    (``reward.mode: rm``, ``reward.model: ITS_RUN/model``; a run waits until its RM run has
+    finished); ``controls`` add ``untrained_rm`` (per selected size, an RM of that
+    architecture with fresh weights) and ``random``. Unless this sweep has a ``data``
+    section, its runs read the RM sweep's dataset.
     """
 
     sweep: str  # the RM sweep file; relative paths from this sweep file's folder
-    root: str | None = None  # that sweep's root, if not the one its file names
+    root: str | None = None  # that sweep's root, if not its file's (relative: from the cwd)
     sizes: list[str] = field(default_factory=list)  # only these sizes (default: all)
     budgets: list[BudgetSpec] = field(default_factory=list)  # only these budgets
     seeds: list[int] = field(default_factory=list)  # only these seeds
@@ -407,14 +407,14 @@ def expand(spec: SweepFile, root: Path, source: str, base_dir: Path | None = Non
     needs: tuple[str, ...] = ()
     prelude: list[RunSpec] = []
     arms: list = [None]  # grid.reward_models: one arm per reward model or control
+    aliases: dict[str, str] = {}  # other roots in the config, hashed by name
     if grid.reward_models is not None:
-        from polar_scaling.sweep.rft_grid import reward_arms
+        from polar_scaling.sweep.rft_grid import RM_ROOT, reward_arms
 
-        arms, rm_links, rm_needs = reward_arms(grid.reward_models, base_dir or Path.cwd(),
-                                               source)
-        if spec.data is None:  # the RM sweep's dataset
-            links.update(rm_links)
-            needs = rm_needs
+        rm = reward_arms(grid.reward_models, base_dir or Path.cwd(), source,
+                         own_data=spec.data is not None)
+        arms, needs, aliases = rm.arms, rm.needs, {str(rm.root): RM_ROOT}
+        links.update(rm.links)
     if spec.data is not None:
         if spec.data.dir is not None:
             links[spec.data.key] = str(resolve_root(spec.data.dir, source))
@@ -513,7 +513,7 @@ def expand(spec: SweepFile, root: Path, source: str, base_dir: Path | None = Non
         parts += [_axis_label(k, v) for k, v in zip(axis_keys, axis, strict=True)]
         runs.append(_make_run(spec.stage, "-".join(parts), "run", cfg, size, n, seed, budget,
                               res, run_deps, spec, root, head=head,
-                              needs=needs + (arm.needs if arm else ())))
+                              needs=needs + (arm.needs if arm else ()), aliases=aliases))
 
     seen: dict[str, RunSpec] = {}
     for run in prelude + runs:
@@ -576,11 +576,15 @@ def parse_time(value: str | int | float, source: str, key: str) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def config_hash(stage: str, config: dict, root: Path, flags: tuple[str, ...] = ()) -> str:
+def config_hash(stage: str, config: dict, root: Path, flags: tuple[str, ...] = (),
+                aliases: dict[str, str] | None = None) -> str:
     """Hash of a run's stage, config and stage flags; paths under ``root`` count relative to
-    it, so a moved sweep root keeps its run ids."""
+    it, so a moved sweep root keeps its run ids. ``aliases``: other folders (another sweep's
+    root) hashed by a name in the same way."""
     doc = {"stage": stage, "config": config, **({"flags": list(flags)} if flags else {})}
     text = json.dumps(doc, sort_keys=True, default=str)
+    for folder, name in (aliases or {}).items():  # whole path components only
+        text = re.sub(re.escape(folder) + r'(?=[/"])', lambda m, n=name: n, text)
     text = text.replace(str(root), "${ROOT}")
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -607,7 +611,7 @@ def _data_parts(data: DataSpec, cfg: dict, source: str) -> int:
 
 
 def _make_run(stage, name, role, cfg, size, n, seed, budget, res, deps, spec, root, head="reward",
-              flags=(), workdir=None, needs=()):
+              flags=(), workdir=None, needs=(), aliases=None):
     tokens = flops = estimate = None
     if size is not None and budget is not None:
         fpt = flops_per_token(_ladder(size, spec.estimate.vocab), estimate_seq_len(spec), head)
@@ -618,7 +622,7 @@ def _make_run(stage, name, role, cfg, size, n, seed, budget, res, deps, spec, ro
                 else spec.estimate.cpu_flops_per_s)
         estimate = flops / rate * (1 + spec.estimate.eval_overhead) + spec.estimate.startup_s
     name = safe_name(name)
-    digest = config_hash(stage, cfg, root, flags)
+    digest = config_hash(stage, cfg, root, flags, aliases)
     return RunSpec(run_id=f"{name}-{digest}", digest=digest, name=name, stage=stage, config=cfg, role=role, size=size,
                    n_params=n, seed=seed, budget=budget.label if budget else None, tokens=tokens,
                    flops=flops, resources=res, deps=tuple(deps), estimate_s=estimate,

@@ -33,7 +33,9 @@ from polar_scaling.sweep.spec import RunSpec, Sweep
 LIVE_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                 "RESIZING", "SUSPENDED", "PREEMPTED"}
 LIVE_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
-STATES = ("done", "running", "pending", "failed", "cancelled", "blocked", "new", "unknown")
+# waiting: never submitted, and a file another sweep writes (RunSpec.needs) is not there yet
+STATES = ("done", "running", "pending", "failed", "cancelled", "blocked", "waiting", "new",
+          "unknown")
 
 
 class SweepError(RuntimeError):
@@ -207,7 +209,7 @@ class Store:
                     st.reason = f"dependency {bad[0]} {out[bad[0]].state}"
             missing = [n for n in run.needs if not Path(n).is_file()]
             if st.state == "new" and missing:  # another sweep's run has not finished yet
-                st.reason = f"waiting for {missing[0]}"
+                st.state, st.reason = "waiting", f"waiting for {missing[0]}"
         return [out[r.run_id] for r in sweep.runs]
 
     def local_launcher(self) -> dict | None:

@@ -72,7 +72,8 @@ def plan_table(sweep: Sweep, actions: dict[str, str]) -> str:
 
 
 def status_table(statuses: list[RunStatus], rates: dict[str, float] | None = None) -> str:
-    """One line per run; failed and blocked runs get their reason and log on the next line."""
+    """One line per run; failed, blocked and waiting runs get their reason (and log) on the
+    next line."""
     rows, notes = [], {}
     for st in statuses:
         p = st.progress
@@ -81,7 +82,7 @@ def status_table(statuses: list[RunStatus], rates: dict[str, float] | None = Non
             eta = (st.run.tokens - (st.tokens or 0)) / rates[st.run.run_id]
         rows.append([st.run.run_id, st.state, _bar(p), si(st.tokens), _f(st.loss),
                      st.job_id or "-", duration(eta) if eta is not None else "-"])
-        if st.state in ("failed", "blocked", "unknown") and (st.reason or st.log):
+        if st.state in ("failed", "blocked", "waiting", "unknown") and (st.reason or st.log):
             notes[len(rows) - 1] = (f"    reason: {st.reason or '-'}"
                                     + (f"\n    log: {st.log}" if st.log else ""))
     text = table(["RUN", "STATE", "PROGRESS", "TOKENS", "EVAL_LOSS", "JOB", "ETA"], rows)
@@ -102,7 +103,9 @@ def summary(statuses: list[RunStatus]) -> str:
 
 
 def is_finished(statuses: list[RunStatus]) -> bool:
-    return all(st.state in ("done", "failed", "cancelled", "blocked") for st in statuses)
+    """Nothing left to wait for: a waiting run needs another launch once its inputs exist."""
+    return all(st.state in ("done", "failed", "cancelled", "blocked", "waiting")
+               for st in statuses)
 
 
 class LiveView:
