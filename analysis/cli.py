@@ -174,9 +174,10 @@ def cmd_rft(args: argparse.Namespace) -> int:
     for a in summary["arms"]:
         sd = f" ± {100 * a['fall_sd']:.1f}" if a["fall_sd"] is not None else ""
         print(f"{a['arm']:<32} {a['runs']} run(s)  fall {100 * a['fall_mean']:5.1f}%{sd}")
-    for key, value in summary["ordering"].items():
-        if key.startswith("spearman"):
-            print(f"{key}: {value:+.2f}")
+    ordering = summary["ordering"]
+    for key, value in ordering.items():
+        if key.startswith("spearman") and not key.endswith("_p"):
+            print(f"{key}: {value:+.2f} (permutation p = {ordering[key + '_p']:.2g})")
     print(f"wrote {args.out / 'rft.json'}, {args.out / 'rft.md'}"
           + (f" and {len(figures)} figure files" if figures else ""))
     return 0
