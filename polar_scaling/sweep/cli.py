@@ -141,8 +141,11 @@ def cmd_launch(args) -> int:
     if executor == "slurm" and not wait:
         print(f"follow with: polar-sweep status {args.sweep}" + _root_arg(args))
         return _exit_code(waiting)
-    statuses = _wait(sweep, store, args.poll or 5.0, _subset_ids(sweep, only)) \
-        if executor == "slurm" else store.status(sweep)
+    if executor == "slurm":  # what this launch can see end: submitted or already queued
+        live = {r.run_id for r in plan.submit} | {
+            rid for rid, why in plan.skip.items() if why in ("running", "pending")}
+        _wait(sweep, store, args.poll or 5.0, live & (_subset_ids(sweep, only) or live))
+    statuses = store.status(sweep)
     statuses = [s for s in statuses if only is None or s.run.run_id in only]
     _print_final(statuses)
     return _exit_code(statuses)
@@ -266,7 +269,8 @@ def _wait(sweep: Sweep, store: Store, poll_s: float, ids: set[str] | None):
         view.update(statuses)
         if is_finished(statuses):
             return statuses
-        live = [s for s in statuses if s.state not in ("done", "failed", "cancelled", "blocked")]
+        live = [s for s in statuses
+                if s.state not in ("done", "failed", "cancelled", "blocked", "waiting")]
         if all(s.state == "unknown" for s in live):
             unknown_since = unknown_since or time.time()
             if time.time() - unknown_since > 120:
@@ -279,13 +283,19 @@ def _wait(sweep: Sweep, store: Store, poll_s: float, ids: set[str] | None):
 
 
 def _exit_code(statuses) -> int:
-    """1: a run failed or is blocked; 3: runs wait for another sweep's runs; else 0."""
+    """1: a run failed or is blocked; 3: runs wait for another sweep's runs, or their inputs
+    arrived after this launch planned (never submitted); else 0."""
     if any(s.state in ("failed", "blocked") for s in statuses):
         return 1
     waiting = [s for s in statuses if s.state == "waiting"]
     if waiting:
         print(f"{len(waiting)} run(s) wait for another sweep's runs ({waiting[0].reason}); "
               f"launch again once they have finished", file=sys.stderr)
+        return 3
+    ready = [s for s in statuses if s.state == "new" and s.run.needs]
+    if ready:
+        print(f"{len(ready)} run(s) became ready while this launch ran (another sweep's runs "
+              f"finished); launch again to submit them", file=sys.stderr)
         return 3
     return 0
 

@@ -583,8 +583,9 @@ def config_hash(stage: str, config: dict, root: Path, flags: tuple[str, ...] = (
     root) hashed by a name in the same way."""
     doc = {"stage": stage, "config": config, **({"flags": list(flags)} if flags else {})}
     text = json.dumps(doc, sort_keys=True, default=str)
-    for folder, name in (aliases or {}).items():  # whole path components only
-        text = re.sub(re.escape(folder) + r'(?=[/"])', lambda m, n=name: n, text)
+    for folder, name in sorted((aliases or {}).items(), key=lambda kv: -len(kv[0])):
+        # a path that starts with the folder: from a quote to a '/' or the closing quote
+        text = re.sub(r'(?<=")' + re.escape(folder) + r'(?=[/"])', lambda m, n=name: n, text)
     text = text.replace(str(root), "${ROOT}")
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 

@@ -10,7 +10,7 @@ import math
 import pandas as pd
 import pytest
 import yaml
-from sweep_helpers import polar_sweep, read_rows, write_sweep
+from sweep_helpers import REPO, polar_sweep, read_rows, write_sweep
 
 from polar_scaling.config import ConfigError
 from polar_scaling.sweep.spec import load_sweep
@@ -229,8 +229,6 @@ def test_rft_sweep_over_reward_models_end_to_end(tmp_path):
 def test_the_example_rft_sweep_resolves_against_the_stage():
     # sweeps/rft.yaml over sweeps/tiny.yaml: 4 RMs, 4 untrained RMs and a random reward, 3
     # seeds each; every run's config is a valid rft config.
-    from sweep_helpers import REPO
-
     from polar_scaling.sweep.spec import resolve_stage_config
 
     sweep = load_sweep(REPO / "sweeps" / "rft.yaml", root="/tmp/unused-root")
@@ -244,3 +242,40 @@ def test_the_example_rft_sweep_resolves_against_the_stage():
         resolved = resolve_stage_config(run, "rft.yaml")
         assert resolved["policy"]["allow_eos"] is False and resolved["budget"]["steps"] == 200
         assert resolved["data"]["dir"].startswith(str(tiny.root / "runs" / "data-"))
+
+
+def test_rm_root_is_hashed_by_name_even_when_the_roots_nest():
+    from pathlib import Path
+
+    from polar_scaling.sweep.spec import config_hash
+
+    def digest(rm_root, own_root, aliases=True, **extra):
+        cfg = {"reward": {"model": f"{rm_root}/runs/pretrain-x/model"},
+               "data": {"dir": f"{rm_root}/runs/data-y"}, "out": f"{own_root}/o", **extra}
+        return config_hash("rft", cfg, Path(own_root),
+                           aliases={rm_root: "${RM_ROOT}"} if aliases else None)
+
+    # The rft root inside the RM root, or the RM root a prefix of the rft root's name.
+    assert digest("/a/rm", "/a/rm/rft") == digest("/b/rm", "/b/rm/rft")
+    assert digest("/a/runs/tiny", "/a/runs/tiny_rft") == digest("/b/runs/tiny", "/b/runs/tiny_rft")
+    # Only paths that start with the RM root are renamed: "/x/a/rm" and "/a/rmx" are not
+    # under it, so they count as spelled; without the alias the RM root does too.
+    for other in ("/x{}/m", "{}x/m"):
+        assert digest("/a/rm", "/r", note=other.format("/a/rm")) != \
+            digest("/b/rm", "/r", note=other.format("/b/rm"))
+    assert digest("/a/rm", "/r", note="/a/rm/m") == digest("/b/rm", "/r", note="/b/rm/m")
+    assert digest("/a/rm", "/r", aliases=False) != digest("/b/rm", "/r", aliases=False)
+
+
+def test_runs_that_became_ready_during_a_launch_exit_3():
+    from polar_scaling.sweep.cli import _exit_code
+    from polar_scaling.sweep.spec import load_sweep as load
+    from polar_scaling.sweep.store import RunStatus
+
+    run = load(REPO / "sweeps" / "rft.yaml", root="/tmp/unused-root").runs[0]
+    assert run.needs
+    assert _exit_code([RunStatus(run=run, state="new")]) == 3
+    assert _exit_code([RunStatus(run=run, state="waiting", reason="waiting for x")]) == 3
+    assert _exit_code([RunStatus(run=run, state="done")]) == 0
+    assert _exit_code([RunStatus(run=run, state="failed"),
+                       RunStatus(run=run, state="waiting")]) == 1
