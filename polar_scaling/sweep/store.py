@@ -52,7 +52,7 @@ class RunStatus:
     log: Path | None = None  # the stderr log of the latest submission
     failures: int = 0  # submissions that ended without finishing the run (cancels excluded)
     step: int | None = None
-    tokens: float | None = None  # tokens trained so far
+    tokens: float | None = None  # tokens trained so far (rft: rollout tokens)
     flops: float | None = None
     loss: float | None = None  # latest held-out eval loss
     restarts: int = 0  # requeues and restarts of the latest submission
@@ -62,6 +62,9 @@ class RunStatus:
         """Fraction of the run's budget done (1.0 when done)."""
         if self.state == "done":
             return 1.0
+        steps = (self.run.config.get("budget") or {}).get("steps")
+        if self.run.stage == "rft" and steps and self.step is not None:  # a budget in steps
+            return min(1.0, self.step / steps)
         if self.tokens is None or not self.run.tokens:
             return None
         if self.run.budget and self.run.budget.startswith("flop") and self.flops is not None:
@@ -230,7 +233,8 @@ class Store:
         st.failures = sum(1 for s in subs if not s.get("cancelled"))
         metrics = read_jsonl(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
         for row in metrics:
-            st.step, st.tokens, st.flops = row.get("step"), row.get("tokens"), row.get("flops")
+            st.step, st.flops = row.get("step"), row.get("flops")
+            st.tokens = row.get("tokens", row.get("rollout_tokens"))  # rft: rollout tokens
             if "eval_loss" in row:
                 st.loss = row["eval_loss"]
         if sub is not None:

@@ -279,3 +279,18 @@ def test_runs_that_became_ready_during_a_launch_exit_3():
     assert _exit_code([RunStatus(run=run, state="done")]) == 0
     assert _exit_code([RunStatus(run=run, state="failed"),
                        RunStatus(run=run, state="waiting")]) == 1
+
+
+def test_status_of_a_running_rft_run_counts_steps_and_rollout_tokens(tmp_path):
+    # An rft run's budget is in steps and its metrics count rollout tokens: status shows both.
+    sweep = load_sweep(REPO / "sweeps" / "rft.yaml", root=tmp_path / "root")
+    run = sweep.runs[0]
+    store = Store(sweep.root)
+    run_dir = store.run_dir(run.run_id)
+    run_dir.mkdir(parents=True)
+    rows = [{"step": s, "rollout_tokens": 768 * s, "reward_mean": 0.1} for s in (1, 2)]
+    rows.insert(1, {"step": 1, "rollout_tokens": 768, "true_kl": 60.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    st = next(s for s in store.status(sweep, probe=False) if s.run.run_id == run.run_id)
+    assert (st.step, st.tokens) == (2, 1536)
+    assert st.progress == pytest.approx(2 / 200)  # budget.steps of sweeps/rft.yaml
