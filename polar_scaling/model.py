@@ -136,4 +136,3 @@ def save_causal_lm(module, path: str | Path, state_dict: dict) -> None:
         config = json.loads(config_path.read_text())
         config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-

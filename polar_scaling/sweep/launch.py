@@ -99,10 +99,9 @@ def make_plan(sweep: Sweep, store: Store, retry_failed: bool = False,
         if bad:
             plan.skip[run.run_id] = f"blocked: dependency {bad[0]} is {statuses[bad[0]].state}"
             continue
-        missing = [n for n in run.needs if not Path(n).is_file()]
-        if missing:  # another sweep's run (an rft grid's reward model) has not finished
-            plan.skip[run.run_id] = (f"waiting for {missing[0]} (another sweep's run: "
-                                     f"launch that sweep, then this one again)")
+        if st.state == "waiting":  # another sweep's run (an rft grid's RM) has not finished
+            plan.skip[run.run_id] = (f"{st.reason} (another sweep's run: launch that sweep, "
+                                     f"then this one again)")
             continue
         plan.submit.append(run)
         will_run.add(run.run_id)

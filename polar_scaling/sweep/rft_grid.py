@@ -2,8 +2,8 @@
 
 An ``rft`` sweep with ``grid.reward_models: {sweep: tiny.yaml, ...}`` gets one arm per
 selected grid run of that sweep (``reward.mode: rm``, ``reward.model: RUN/model``), plus
-the controls it asks for: ``untrained_rm`` once per selected size (the first selected RM of
-the size names the architecture; its weights are drawn fresh) and ``random``. The arms cross
+the controls it asks for: ``untrained_rm`` once per selected size (the size's first RM run of
+the whole grid names the architecture; its weights are drawn fresh) and ``random``. The arms cross
 with the sweep's seeds and axes like any other axis. The RM runs live in the other sweep's
 root, so they are not dependencies inside this sweep: each arm *needs* its RM run's
 ``done.json``, and until it exists the run is ``waiting`` and a launch leaves it alone
@@ -21,14 +21,12 @@ from polar_scaling.config import ConfigError, read_yaml
 
 # Stages whose runs export a reward model (RUN/model) that RFT can score with.
 RM_STAGES = ("pretrain", "finetune")
-
-
 RM_ROOT = "${RM_ROOT}"  # the RM sweep's root, in the text run ids are hashed from
 
 
 @dataclass(frozen=True)
 class Arm:
-    label: str  # the part of the run name, e.g. rm-t25k-tok2e6-s0, untrained-t25k, random
+    label: str  # the part of the run name, e.g. rm-t25k-tok2e6-rs0, untrained-t25k, random
     settings: dict  # dotted config key -> value
     needs: tuple[str, ...] = ()  # files that must exist before a run of the arm starts
 
